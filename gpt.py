@@ -488,7 +488,7 @@ def load_subject_model(model, model_path=None):
 PRESETS = {
     # Sized for a 2-core CPU: about 5 minutes.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0,
-                batch_size=32, iters=2500, lr=2e-3, warmup=100),
+                batch_size=32, iters=1800, lr=2e-3, warmup=100),
     # nanoGPT's shakespeare_char "baby GPT".
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
                 batch_size=64, iters=5000, lr=1e-3, warmup=100),

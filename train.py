@@ -1,0 +1,476 @@
+"""
+train.py: train a sparse autoencoder on a language model's residual stream.
+
+    python train.py --n_latents 32768 --k 32          # the default: bundled char-level Shakespeare GPT
+    python train.py --model gpt2 --layer 8 --n_latents 32768 --k 32 --tokens 200_000_000   # on a GPU
+
+Pipeline, top to bottom: the subject model and its text (gpt.py) -> an activation stream
+(residuals after block `layer`, generated in chunks or read from an on-disk cache, shuffled
+within each chunk) -> the SAE (sae.py) trained with Adam, the decoder constraint, an EMA of
+the weights and dead-latent tracking for AuxK -> out/<run>/ckpt.pt and log.jsonl.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+import gpt
+from gpt import UserError
+from sae import SAE, SAEConfig, fvu
+
+
+@dataclass
+class TrainConfig:
+    # subject model and site
+    model: str = gpt.DEFAULT_CKPT   # gpt.py checkpoint path, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl
+    model_path: str = ""            # local Hugging Face weights for --model gpt2* (dir or file)
+    data: str = ""                  # text file; default: the bundled corpus
+    layer: int = -1                 # residual stream after this block (0-based); -1: 2/3 of the depth
+    ctx_len: int = 64               # tokens per context (paper: 64)
+    include_first: bool = False     # keep position 0 of each context (an outlier: excluded by default)
+    # the SAE (sae.py)
+    n_latents: int = 32768
+    k: int = 32
+    k_aux: int = 0                  # 0: sae.py's default
+    activation: str = "topk"
+    l1_coef: float = 0.0
+    multi_topk: bool = False
+    auxk: bool = True
+    # optimization (paper §2.3, App. A)
+    tokens: int = 4_000_000
+    batch_size: int = 4096
+    lr: float = 0.0                 # 0: 2e-4 / sqrt(n_latents / 2^14)
+    ema_decay: float = 0.999
+    grad_clip: float = 0.0          # 0: off
+    dead_tokens: int = 0            # 0: min(10M, tokens // 10)
+    shuffle_tokens: int = 1 << 18
+    seed: int = 0
+    # bookkeeping
+    cache: str = ""
+    out_dir: str = "out"
+    run: str = ""
+    device: str = ""
+    dtype: str = ""
+    log_every: int = 20
+    ckpt_every: int = 0             # tokens between checkpoints; 0: only at the end
+    eval_tokens: int = 1 << 16
+    skip_nonfinite: bool = False
+
+    def resolve(self):
+        """Fill the defaults that depend on other fields."""
+        if not self.lr:
+            self.lr = 2e-4 / math.sqrt(self.n_latents / 2 ** 14)  # [code + peers], paper Fig. 3
+        if not self.dead_tokens:
+            # The paper's 10M tokens, capped at a tenth of the run: a short run would otherwise
+            # never call anything dead, and AuxK would never start.
+            self.dead_tokens = min(10_000_000, max(self.batch_size, self.tokens // 10))
+        if not self.device:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not self.dtype:
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        if not self.run:
+            self.run = f"{self.activation}_n{self.n_latents}_k{self.k}" + ("_multi" if self.multi_topk else "")
+        return self
+
+
+def check_config(c):
+    """One-line errors naming the flag and the fix."""
+    for name in ("n_latents", "tokens", "batch_size", "ctx_len"):
+        if getattr(c, name) < 1:
+            raise UserError(f"--{name} must be positive, got {getattr(c, name)}")
+    if c.activation == "topk" and not 1 <= c.k <= c.n_latents:
+        raise UserError(f"--k {c.k} is out of range: need 1 <= k <= n_latents ({c.n_latents})")
+    if c.activation not in ("topk", "relu"):
+        raise UserError(f"--activation {c.activation!r}: use topk or relu")
+    if c.ctx_len < 2 and not c.include_first:
+        raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
+    if c.dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype {c.dtype!r}: use float32, bfloat16 or float16")
+
+
+# -----------------------------------------------------------------------------
+# Subject model and activations
+
+
+def load_subject(c):
+    """(model, tokenizer, train token ids, held-out token ids, reference dict)."""
+    if c.model == gpt.DEFAULT_CKPT and not os.path.isfile(c.model):
+        print(f"{c.model} not found: pretraining the default subject model first (python gpt.py)")
+        gpt.main(["--out_dir", os.path.dirname(c.model), "--device", c.device])
+    model, tok, ref = gpt.load_subject_model(c.model, c.model_path or None)
+    if c.layer == -1:
+        c.layer = model.config.n_layer * 2 // 3  # the paper's layer 8 of GPT-2 small's 12
+    model.check_layer(c.layer)
+    if c.ctx_len > model.config.block_size:
+        raise UserError(f"--ctx_len {c.ctx_len} is longer than the model's block_size {model.config.block_size}")
+    text = gpt.load_text(c.data or gpt.CORPUS)
+    train_text, val_text = gpt.split_text(text)
+    train_ids, val_ids = gpt.encode_text(train_text, tok), gpt.encode_text(val_text, tok)
+    ref.update(layer=c.layer, ctx_len=c.ctx_len, include_first=c.include_first, tokenizer=tok.to_dict(),
+               d_model=model.config.n_embd, data=os.path.abspath(c.data or gpt.CORPUS))
+    return model.to(c.device), tok, train_ids, val_ids, ref
+
+
+@torch.no_grad()
+def activations(model, contexts, layer, include_first, device, dtype, batch=256):
+    """Residuals after block `layer` for (N, ctx_len) token contexts -> (N * T', d_model)
+    float32, T' = ctx_len - 1 when position 0 is excluded (its norm is an outlier)."""
+    out = []
+    for i in range(0, len(contexts), batch):
+        idx = contexts[i:i + batch].to(device)
+        with torch.autocast(device_type=idx.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+            h = model.resid(idx, layer)
+        if not include_first:
+            h = h[:, 1:]
+        out.append(h.float().reshape(-1, h.size(-1)))
+    return torch.cat(out)
+
+
+class ActivationStream:
+    """Training batches of activations, (batch_size, d_model) float32.
+
+    Chunk c (chunk_tokens tokens, a multiple of the batch size) holds the residuals of
+    contexts drawn at random from the training ids with a generator seeded by (seed, c); its
+    rows are shuffled by a permutation from the same seed, so each batch mixes thousands of
+    contexts. Everything is a pure function of (seed, step): resuming at any step is exact,
+    and a `--cache` directory, which stores the chunks' rows unshuffled in a numpy memmap,
+    gives the same batches as generating them on the fly."""
+
+    def __init__(self, c, model, train_ids, subject):
+        self.c, self.model, self.ids, self.subject, self.d = c, model, train_ids, subject, subject["d_model"]
+        self.chunk_tokens = max(1, c.shuffle_tokens // c.batch_size) * c.batch_size
+        self.n_chunks = math.ceil(c.tokens / self.chunk_tokens)
+        self.per_ctx = c.ctx_len - (0 if c.include_first else 1)
+        self.cache = self._open_cache() if c.cache else None
+        self._chunk_index, self._chunk = -1, None
+
+    def _generate(self, chunk):
+        g = torch.Generator().manual_seed(self.c.seed * 1_000_003 + chunk)
+        n_ctx = math.ceil(self.chunk_tokens / self.per_ctx)
+        starts = torch.randint(len(self.ids) - self.c.ctx_len, (n_ctx,), generator=g).numpy()
+        contexts = torch.from_numpy(np.stack([self.ids[s:s + self.c.ctx_len] for s in starts]))
+        acts = activations(self.model, contexts, self.c.layer, self.c.include_first, self.c.device, self.c.dtype)
+        return acts[: self.chunk_tokens].cpu()
+
+    def _open_cache(self):
+        meta = {"model_sha256": self.subject["sha256"], "layer": self.c.layer, "ctx_len": self.c.ctx_len,
+                "include_first": self.c.include_first, "seed": self.c.seed, "chunk_tokens": self.chunk_tokens,
+                "d_model": self.d}
+        os.makedirs(self.c.cache, exist_ok=True)
+        meta_path, data_path = os.path.join(self.c.cache, "meta.json"), os.path.join(self.c.cache, "acts.f32")
+        old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
+        if old is not None:
+            if {k: old.get(k) for k in meta} != meta:
+                diff = [k for k in meta if old.get(k) != meta[k]]
+                raise UserError(f"--cache {self.c.cache} was built for a different setup ({', '.join(diff)} differ): "
+                                f"use another directory or delete it")
+            if old["chunks_done"] >= self.n_chunks:
+                return np.memmap(data_path, dtype=np.float32, mode="r", shape=(old["chunks_done"] * self.chunk_tokens, self.d))
+        done = old["chunks_done"] if old else 0
+        print(f"writing activation cache {self.c.cache}: {self.n_chunks * self.chunk_tokens:,} tokens "
+              f"({self.n_chunks * self.chunk_tokens * self.d * 4 / 2**30:.2f} GiB)")
+        mm = np.memmap(data_path, dtype=np.float32, mode="r+" if done else "w+",
+                       shape=(self.n_chunks * self.chunk_tokens, self.d))
+        from tqdm import tqdm
+        for chunk in tqdm(range(done, self.n_chunks), desc="cache", unit="chunk"):
+            mm[chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens] = self._generate(chunk).numpy()
+            mm.flush()
+            meta["chunks_done"] = chunk + 1
+            with open(meta_path + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.replace(meta_path + ".tmp", meta_path)  # the meta names only chunks fully written
+        return np.memmap(data_path, dtype=np.float32, mode="r", shape=(self.n_chunks * self.chunk_tokens, self.d))
+
+    def _load_chunk(self, chunk):
+        if self.cache is not None:
+            rows = torch.from_numpy(np.array(self.cache[chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens]))
+        else:
+            rows = self._generate(chunk)
+        perm = torch.randperm(self.chunk_tokens, generator=torch.Generator().manual_seed(self.c.seed * 7919 + chunk))
+        return rows[perm]
+
+    def batch(self, step):
+        """The batch of training step `step` (0-based)."""
+        start = step * self.c.batch_size
+        chunk, offset = divmod(start, self.chunk_tokens)
+        if chunk != self._chunk_index:
+            self._chunk_index, self._chunk = chunk, self._load_chunk(chunk)
+        return self._chunk[offset:offset + self.c.batch_size]
+
+
+def heldout_windows(val_ids, ctx_len, n_tokens, include_first):
+    """Fixed held-out contexts holding about n_tokens evaluated tokens."""
+    per_ctx = ctx_len - (0 if include_first else 1)
+    return gpt.fixed_windows(val_ids, ctx_len, max(1, math.ceil(n_tokens / per_ctx)))
+
+
+# -----------------------------------------------------------------------------
+# The EMA of the weights (paper App. A: 0.999, bias-corrected)
+
+
+class EMA:
+    def __init__(self, module, decay):
+        self.decay, self.steps = decay, 0
+        self.shadow = {k: torch.zeros_like(v) for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module):
+        self.steps += 1
+        for k, v in module.state_dict().items():
+            self.shadow[k].lerp_(v, 1 - self.decay)
+
+    def state_dict(self):
+        """Bias-corrected averages, like Adam's moments: exact from the first step."""
+        corr = 1 - self.decay ** max(self.steps, 1)
+        return {k: v / corr for k, v in self.shadow.items()}
+
+    def load(self, shadow, steps):
+        self.shadow, self.steps = {k: v.clone() for k, v in shadow.items()}, steps
+
+
+# -----------------------------------------------------------------------------
+# Held-out summary (evals.py has the full set of metrics)
+
+
+@torch.no_grad()
+def heldout_summary(sae, model, windows, layer, include_first, device, batch=64):
+    """FVU and L0 of the SAE on held-out residuals (normalized space, paper §2.1), and the
+    cross-entropy of the model with the reconstruction spliced in at `layer` (paper §4.1),
+    position 0 left clean when excluded from training."""
+    sae.eval()
+    xs, xhats, l0s, ce_clean, ce_sae, n = [], [], [], 0.0, 0.0, 0
+    first = 0 if include_first else 1
+    for i in range(0, len(windows), batch):
+        w = windows[i:i + batch].to(device)
+        idx, tgt = w[:, :-1], w[:, 1:]
+        h = model.resid(idx, layer).float()
+        x = h[:, first:].reshape(-1, h.size(-1))
+        out = sae(x)
+        x_n, mu, scale = sae.normalize_input(x)
+        xs.append(x_n)
+        xhats.append((out.x_hat - mu) / scale)  # the reconstruction in the same normalized space
+        l0s.append(out.l0 * len(x))
+        spliced = h.clone()
+        spliced[:, first:] = out.x_hat.view(h.size(0), -1, h.size(-1))
+        logits_clean = model.logits_from_resid(h, layer)[:, first:]
+        logits_sae = model.logits_from_resid(spliced, layer)[:, first:]
+        t = tgt[:, first:].reshape(-1)
+        ce_clean += torch.nn.functional.cross_entropy(logits_clean.reshape(len(t), -1), t, reduction="sum").item()
+        ce_sae += torch.nn.functional.cross_entropy(logits_sae.reshape(len(t), -1), t, reduction="sum").item()
+        n += len(t)
+    x, x_hat = torch.cat(xs), torch.cat(xhats)
+    sae.train()
+    return {"fvu": fvu(x, x_hat).item(), "l0": float(sum(l0s) / len(x)), "ce_clean": ce_clean / n,
+            "ce_sae": ce_sae / n, "delta_ce": (ce_sae - ce_clean) / n, "eval_tokens": n}
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def make_sae(c, d_model):
+    try:
+        return SAE(SAEConfig(d_model=d_model, n_latents=c.n_latents, k=c.k, k_aux=c.k_aux or None,
+                             activation=c.activation, l1_coef=c.l1_coef, multi_topk=c.multi_topk))
+    except ValueError as e:
+        raise UserError(f"bad SAE setting: {e}") from None
+
+
+def checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, metrics):
+    return {"sae_config": asdict(sae.cfg), "sae": sae.state_dict(), "ema": ema.state_dict(),
+            "ema_shadow": ema.shadow, "ema_steps": ema.steps, "train_config": asdict(c), "subject": subject,
+            "step": step, "tokens_seen": step * c.batch_size, "optimizer": opt.state_dict(),
+            "tokens_since_fired": tokens_since_fired, "metrics": metrics}
+
+
+def train(c, resume=False):
+    """Run training for the resolved config `c`; returns the final checkpoint dict."""
+    from tqdm import tqdm
+    torch.manual_seed(c.seed)
+    run_dir = os.path.join(c.out_dir, c.run)
+    ckpt_path, log_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")
+    model, tok, train_ids, val_ids, subject = load_subject(c)
+    d_model = subject["d_model"]
+    stream = ActivationStream(c, model, train_ids, subject)
+    sae = make_sae(c, d_model).to(c.device)
+    os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
+    opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=6.25e-10,  # [code]
+                           fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
+    ema = EMA(sae, c.ema_decay)
+    tokens_since_fired = torch.zeros(c.n_latents, dtype=torch.long, device=c.device)
+    total_steps = math.ceil(c.tokens / c.batch_size)
+    step = 0
+    if resume:
+        ck = gpt.load_checkpoint(ckpt_path)
+        if ck["subject"]["sha256"] != subject["sha256"]:
+            raise UserError(f"{ckpt_path} was trained on another subject model ({ck['subject']['model']})")
+        sae.load_state_dict(ck["sae"])
+        opt.load_state_dict(ck["optimizer"])
+        ema.load(ck["ema_shadow"], ck["ema_steps"])
+        tokens_since_fired = ck["tokens_since_fired"].to(c.device)
+        step = ck["step"]
+        print(f"resuming {ckpt_path} at step {step} ({step * c.batch_size:,} tokens)")
+    else:
+        # paper §2.4 / [code]: b_pre starts at the geometric median of a sample of inputs
+        sae.init_b_pre(stream.batch(0)[:32768].to(c.device))
+        with open(log_path, "w"):
+            pass
+    autocast = dict(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype), enabled=c.dtype != "float32")
+    t0 = time.time()
+    bar = tqdm(total=total_steps * c.batch_size, initial=step * c.batch_size, unit="tok", unit_scale=True,
+               desc=c.run, dynamic_ncols=True)
+    skipped, last_ckpt_tokens = 0, step * c.batch_size
+    while step < total_steps:
+        x = stream.batch(step).to(c.device, non_blocking=True)
+        dead = tokens_since_fired >= c.dead_tokens
+        with torch.autocast(**autocast):
+            out = sae(x, dead_mask=dead if c.auxk else None)
+        if not torch.isfinite(out.loss):
+            if not c.skip_nonfinite:
+                raise UserError(f"non-finite loss at step {step} (tokens {step * c.batch_size:,}); the last good "
+                                f"checkpoint is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
+            skipped += 1
+            step += 1
+            continue
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.project_decoder_grad()        # paper App. A / [code]: keep decoder rows on the unit sphere
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
+        opt.step()
+        sae.normalize_decoder()
+        ema.update(sae)
+        # paper §2.4: a latent is dead once it has not fired for dead_tokens tokens
+        tokens_since_fired += len(x)
+        tokens_since_fired[out.fired] = 0
+        step += 1
+        bar.update(len(x))
+        if step % c.log_every == 0 or step == total_steps:
+            rec = {"step": step, "tokens": step * c.batch_size, "loss": out.loss.item(), "fvu": out.fvu.item(),
+                   "aux_loss": float(out.aux_loss), "l0": float(out.l0), "dead_frac": dead.float().mean().item(),
+                   "skipped": skipped, "elapsed_s": round(time.time() - t0, 2)}
+            bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.3f}",
+                            aux=f"{rec['aux_loss']:.3f}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if c.ckpt_every and step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and step < total_steps:
+            gpt.save_checkpoint(checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, {}), ckpt_path)
+            last_ckpt_tokens = step * c.batch_size
+    bar.close()
+    train_s = time.time() - t0
+    # the summary, on held-out text with the EMA weights (paper App. A)
+    eval_sae = make_sae(c, d_model).to(c.device)
+    eval_sae.load_state_dict(ema.state_dict())
+    windows = heldout_windows(val_ids, c.ctx_len, c.eval_tokens, c.include_first)
+    metrics = heldout_summary(eval_sae, model, windows, c.layer, c.include_first, c.device)
+    metrics.update(dead_frac=(tokens_since_fired >= c.dead_tokens).float().mean().item(),
+                   train_seconds=round(train_s, 1), tokens_per_s=round((total_steps * c.batch_size) / max(train_s, 1e-9)),
+                   skipped=skipped)
+    ck = checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, metrics)
+    gpt.save_checkpoint(ck, ckpt_path)
+    print(f"held-out ({metrics['eval_tokens']:,} tokens, EMA weights): FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.1f}  "
+          f"delta CE {metrics['delta_ce']:+.4f} nats ({metrics['ce_clean']:.4f} -> {metrics['ce_sae']:.4f})  "
+          f"dead {metrics['dead_frac']:.2%} (no fire in {c.dead_tokens:,} tokens)  "
+          f"train {train_s / 60:.1f} min, {metrics['tokens_per_s']:,} tok/s")
+    print(f"wrote {ckpt_path}")
+    return ck
+
+
+def load_sae(path, ema=True):
+    """An SAE checkpoint from train.py -> (SAE in eval mode, checkpoint dict). ema: use the
+    EMA weights (what the paper evaluates), else the raw final weights."""
+    ck = gpt.load_checkpoint(path)
+    if not isinstance(ck, dict) or "sae_config" not in ck or "sae" not in ck:
+        raise UserError(f"{path}: not an SAE checkpoint from train.py (no sae_config/sae)")
+    sae = SAE(SAEConfig(**ck["sae_config"]))
+    sae.load_state_dict(ck["ema"] if ema else ck["sae"])
+    return sae.eval(), ck
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+HELP = {
+    "model": "subject model: a gpt.py checkpoint (pretrained first if it is the missing default) or gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+    "model_path": "local Hugging Face GPT-2 weights (directory or model.safetensors / pytorch_model.bin); default out/hf/<name>/, downloaded when online",
+    "data": "UTF-8 text the contexts are drawn from (its last ~10%% is held out); default: the bundled Shakespeare",
+    "layer": "residual stream after this block, 0-based; -1 picks 2/3 of the depth (the paper's layer 8 of 12)",
+    "ctx_len": "tokens per context (paper: 64)",
+    "include_first": "also train on position 0 of each context (excluded by default: its activations are outliers)",
+    "n_latents": "number of latents n",
+    "k": "active latents per token (TopK)",
+    "k_aux": "dead latents used by AuxK; 0 uses sae.py's default",
+    "activation": "topk (the paper's SAE) or relu (ReLU + L1 baseline, needs --l1_coef)",
+    "l1_coef": "L1 penalty weight for --activation relu",
+    "multi_topk": "train with Multi-TopK, L(k) + L(4k)/8 (paper §5.3)",
+    "auxk": "",
+    "tokens": "training tokens",
+    "batch_size": "tokens per step",
+    "lr": "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14)",
+    "ema_decay": "decay of the weight EMA that is evaluated and saved (paper: 0.999)",
+    "grad_clip": "clip the gradient norm to this; 0 is off",
+    "dead_tokens": "a latent is dead after this many tokens without firing; 0 means min(10M, tokens/10)",
+    "shuffle_tokens": "activations generated per chunk and shuffled together (rounded to a multiple of --batch_size)",
+    "seed": "random seed (SAE init, contexts, shuffling)",
+    "cache": "directory for an on-disk activation cache (numpy memmap): written once, then read by later runs",
+    "out_dir": "parent directory of run directories",
+    "run": "run name: writes OUT_DIR/RUN/ckpt.pt and log.jsonl; default from activation, n, k",
+    "device": "torch device; default cuda when available, else cpu",
+    "dtype": "autocast dtype for the subject model and the encoder matmul; default bfloat16 on cuda, float32 on cpu",
+    "log_every": "steps between log.jsonl records and progress-bar metrics",
+    "ckpt_every": "tokens between checkpoints (atomic, for --resume); 0 writes only at the end",
+    "eval_tokens": "held-out tokens for the final summary",
+    "skip_nonfinite": "skip batches whose loss is NaN/inf (counted in the log) instead of stopping",
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train a TopK sparse autoencoder on a GPT's residual stream.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(TrainConfig):
+        if f.name == "auxk":
+            p.add_argument("--no_auxk", dest="auxk", action="store_false", help="turn off the AuxK loss (ablation)")
+        elif f.type is bool:
+            p.add_argument(f"--{f.name}", action="store_true", help=HELP[f.name])
+        else:
+            p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default, help=HELP[f.name])
+    p.add_argument("--resume", action="store_true", help="continue OUT_DIR/RUN/ckpt.pt where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return p
+
+
+def _int(s):
+    """Integer flags also accept 4_000_000 and 4e6."""
+    return int(float(s.replace("_", "")))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    c = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    run_dir = os.path.join(c.out_dir, c.resolve().run)
+    if args.resume:
+        # the run continues with the configuration it was started with
+        ck_path = os.path.join(run_dir, "ckpt.pt")
+        if not os.path.isfile(ck_path):
+            raise UserError(f"--resume: {ck_path} does not exist; start the run without --resume")
+        saved = gpt.load_checkpoint(ck_path)["train_config"]
+        c = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)})
+    elif os.path.exists(run_dir):
+        if not args.overwrite:
+            raise UserError(f"{run_dir} already exists: pass --run NAME for a new run, --resume to continue it, "
+                            f"or --overwrite to replace it")
+        shutil.rmtree(run_dir)
+    check_config(c)
+    return train(c, resume=args.resume)
+
+
+if __name__ == "__main__":
+    gpt.run_cli(main)
