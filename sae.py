@@ -1,0 +1,430 @@
+"""A TopK sparse autoencoder, after Gao et al. 2024, "Scaling and evaluating sparse
+autoencoders" (arXiv 2406.04093). Comments cite the paper as "paper §N" and mark with
+[code] the places that follow the released openai/sparse_autoencoder instead of the text.
+
+Training loop sketch (train.py owns the dead-latent counter, paper §2.4):
+
+    sae = SAE(SAEConfig(d_model=768, n_latents=32768, k=32))
+    sae.init_b_pre(x_sample)                          # once, before training
+    out = sae(x, dead_mask=steps_since_fired > threshold)
+    out.loss.backward(); sae.project_decoder_grad(); opt.step(); sae.normalize_decoder()
+    steps_since_fired[out.fired] = 0
+"""
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The sparse backward builds CSR matrices; torch warns once that CSR support is "beta".
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+@dataclass
+class SAEConfig:
+    d_model: int  # width of the activations the SAE reads
+    n_latents: int  # number of latents (dictionary size)
+    k: int = 32  # active latents per token (TopK)
+    k_aux: int | None = None  # AuxK latents per token; None -> min(d_model // 2, n_latents)
+    auxk_coef: float = 1 / 32  # alpha: paper App. A.2 [recalled] and [code]
+    activation: str = "topk"  # "topk" or "relu" (the ReLU + L1 baseline, paper §2.2)
+    l1_coef: float = 0.0  # L1 weight, ReLU baseline only
+    multi_topk: bool = False  # paper §5.3 [recalled]: train on L(k) + L(4k)/8
+    normalize: bool = True  # paper §2.1: per-token mean removal and unit norm
+
+    def __post_init__(self):
+        def check(name, ok, valid):
+            if not ok:
+                raise ValueError(f"{name} must be {valid}, got {getattr(self, name)!r}")
+
+        check("d_model", self.d_model >= 1, ">= 1")
+        check("n_latents", self.n_latents >= 1, ">= 1")
+        check("k", 1 <= self.k <= self.n_latents, f"in [1, n_latents={self.n_latents}]")
+        if self.k_aux is None:
+            # The AuxK latents model the residual e, a d_model-dim vector, so k_aux scales
+            # with d_model: d_model // 2 is what sparsify and dictionary_learning use and,
+            # for GPT-2 small (384), sits between [code]'s 256 and the paper's 512
+            # ([recalled]). It sets AuxK's cost in the fast path: B * k_aux * d_model.
+            self.k_aux = max(1, min(self.d_model // 2, self.n_latents))
+        check("k_aux", 1 <= self.k_aux <= self.n_latents, f"in [1, n_latents={self.n_latents}]")
+        check("auxk_coef", self.auxk_coef >= 0, ">= 0")
+        check("activation", self.activation in ("topk", "relu"), "'topk' or 'relu'")
+        check("l1_coef", self.l1_coef >= 0 and (self.l1_coef == 0 or self.activation == "relu"),
+              ">= 0, and 0 unless activation='relu'")
+        check("multi_topk", not (self.multi_topk and self.activation == "relu"),
+              "False when activation='relu'")
+
+
+@dataclass
+class SAEOutput:
+    """The scalar losses carry gradients (log them with .item()); the rest is detached."""
+    loss: torch.Tensor  # fvu + multi_loss / 8 + auxk_coef * aux_loss + l1_coef * l1
+    fvu: torch.Tensor  # main reconstruction FVU, k code, normalized space
+    aux_loss: torch.Tensor  # AuxK FVU of the residual, 0 when nothing is dead
+    multi_loss: torch.Tensor  # FVU of the 4k code, 0 unless multi_topk
+    l1: torch.Tensor  # decoder-norm-weighted L1 of the code, 0 unless relu
+    l0: torch.Tensor  # scalar, mean number of non-zero latents per token
+    vals: torch.Tensor  # (B, k) code values >= 0 (relu: (B, n_latents) dense)
+    idx: torch.Tensor  # (B, k) latent indices of vals
+    fired: torch.Tensor  # (n_latents,) bool: some token has a value > 0 in this batch
+    x_hat: torch.Tensor  # (B, d_model) reconstruction in the caller's space (detached)
+
+
+class SAE(nn.Module):
+    """Weights are stored as W_enc, W_dec: (n_latents, d_model); b_enc: (n_latents,);
+    b_pre: (d_model,). Methods ending in _sparse and preacts work in the normalized space
+    (the output of normalize_input); encode, reconstruct and forward take the caller's x."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        # paper App. A.1: decoder rows are random unit directions; paper §2.4 [recalled]: the
+        # encoder starts as the decoder's transpose (same rows in this storage; a copy, not
+        # tied). [code] then rescales the encoder, which it found no clear benefit for: skipped.
+        W_dec = F.normalize(torch.randn(cfg.n_latents, cfg.d_model), dim=1)
+        self.W_dec = nn.Parameter(W_dec)  # (n_latents, d_model)
+        self.W_enc = nn.Parameter(W_dec.clone())  # (n_latents, d_model)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))  # set by init_b_pre
+
+    # ---- paper §2.1: input normalization ----
+
+    def normalize_input(self, x, eps=1e-8):
+        """(B, d) -> x_n (B, d), mu (B, 1), scale (B, 1): each token minus its mean over
+        d_model, scaled to unit norm. Reconstruction errors are measured on x_n."""
+        x = self._check_input(x)
+        if not self.cfg.normalize:
+            return x, x.new_zeros(x.shape[0], 1), x.new_ones(x.shape[0], 1)
+        mu = x.mean(dim=1, keepdim=True)
+        scale = (x - mu).norm(dim=1, keepdim=True).clamp_min(eps)  # eps: constant tokens
+        return (x - mu) / scale, mu, scale
+
+    def denormalize(self, x_n, mu, scale):
+        """Undo normalize_input: back to the caller's space."""
+        return x_n * scale + mu
+
+    # ---- paper §2.3: TopK encoder ----
+
+    def preacts(self, x_n):
+        """(B, d) normalized -> (B, n_latents): W_enc (x_n - b_pre) + b_enc, dense."""
+        return torch.addmm(self.b_enc, x_n - self.b_pre, self.W_enc.t())
+
+    def encode_sparse(self, x_n, k=None):
+        """Normalized (B, d) -> (vals, idx), each (B, k), vals >= 0. k defaults to cfg.k;
+        any k in [1, n_latents] is allowed at test time (paper §5.3). The ReLU baseline
+        with k=None returns its dense code as (B, n_latents) vals with idx = 0..n-1."""
+        if k is None and self.cfg.activation == "relu":
+            vals = self.preacts(x_n).relu()
+            return vals, torch.arange(self.cfg.n_latents, device=vals.device).expand_as(vals)
+        k = self._check_k(self.cfg.k if k is None else k)
+        # [code]: z = ReLU(TopK(W_enc (x - b_pre) + b_enc)). The paper's equation has no
+        # b_enc and no ReLU; the ReLU zeroes kept values that are negative.
+        vals, idx = self.preacts(x_n).topk(k, dim=1, sorted=False)
+        return vals.relu(), idx
+
+    def encode(self, x, k=None):
+        """Caller's-space x (B, d) -> dense code z (B, n_latents). For evals and tests."""
+        x_n = self.normalize_input(x)[0]
+        vals, idx = self.encode_sparse(x_n, k)
+        return torch.zeros(x_n.shape[0], self.cfg.n_latents, dtype=vals.dtype,
+                           device=vals.device).scatter(1, idx, vals)
+
+    # ---- decoder: x_hat = W_dec^T z + b_pre ----
+
+    def decode_sparse(self, vals, idx):
+        """(vals, idx) each (B, K) -> x_hat_n (B, d) in the normalized space; cost B*K*d."""
+        return _sparse_decode(self.W_dec, [(vals, idx)])[0] + self.b_pre
+
+    def decode(self, z, mu=None, scale=None):
+        """Dense code z (B, n_latents) -> x_hat (B, d): normalized space, or the caller's
+        space when given mu and scale from normalize_input."""
+        x_hat_n = z @ self.W_dec + self.b_pre
+        return x_hat_n if mu is None else self.denormalize(x_hat_n, mu, scale)
+
+    def reconstruct(self, x, k=None):
+        """Caller's-space x (B, d) -> x_hat (B, d) in the caller's space, with test-time k."""
+        x_n, mu, scale = self.normalize_input(x)
+        if self.cfg.activation == "relu" and k is None:
+            x_hat_n = self.decode(self.preacts(x_n).relu())
+        else:
+            x_hat_n = self.decode_sparse(*self.encode_sparse(x_n, k))
+        return self.denormalize(x_hat_n, mu, scale)
+
+    # ---- loss (paper §2.1), AuxK (§2.4), Multi-TopK (§5.3), ReLU baseline (§2.2) ----
+
+    def forward(self, x, dead_mask=None, dense=False):
+        """Training forward on caller's-space x (B >= 2, d_model) -> SAEOutput. dead_mask
+        (n_latents,) bool marks latents the trainer counts as dead, for AuxK (TopK only: a
+        dead ReLU latent has no positive pre-activation to learn from). dense=True runs the
+        plain dense reference instead of the sparse fast path; both give the same numbers."""
+        cfg = self.cfg
+        # The SAE trains on fixed activations: no gradient flows back to their producer.
+        x_n, mu, scale = self.normalize_input(x.detach())
+        if x_n.shape[0] < 2:
+            raise ValueError(f"forward needs a batch of >= 2 tokens (FVU divides by the "
+                             f"batch variance), got {x_n.shape[0]}")
+        zero = x_n.new_zeros(())
+        if cfg.activation == "relu":
+            return self._forward_relu(x_n, mu, scale, zero)
+        dead_idx = self._check_dead_mask(dead_mask, x_n.device)
+        k_aux = min(cfg.k_aux, dead_idx.numel())  # 0 when nothing is dead
+        k_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
+        recon = self._recon_dense if dense else self._recon_fast
+        vals, idx, x_hat, x_hat_multi, e_hat = recon(x_n, k_top, dead_idx, k_aux)
+
+        main = fvu(x_n, x_hat)
+        loss = main
+        multi = zero
+        if cfg.multi_topk:  # paper §5.3 [recalled]: L(k) + L(4k) / 8, for progressive codes
+            multi = fvu(x_n, x_hat_multi)
+            loss = loss + multi / 8
+        aux = zero
+        if k_aux > 0:
+            # paper §2.4, App. A.2 [recalled]: the top-k_aux dead latents model the detached
+            # residual e, with no b_pre; normalized like the main loss and zeroed if NaN [code].
+            e = (x_n - x_hat).detach()
+            aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
+            loss = loss + cfg.auxk_coef * aux
+        vals, idx = vals[:, :cfg.k].detach(), idx[:, :cfg.k]
+        fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=idx.device)
+        fired[idx[vals > 0]] = True
+        return SAEOutput(loss, main, aux, multi, zero,
+                         (vals > 0).sum(1).float().mean(), vals, idx, fired,
+                         self.denormalize(x_hat.detach(), mu, scale))
+
+    def _forward_relu(self, x_n, mu, scale, zero):
+        z = self.preacts(x_n).relu()  # (B, n_latents), the dense ReLU code
+        x_hat = self.decode(z)
+        main = fvu(x_n, x_hat)
+        # paper §2.2: L1 weighted by decoder row norms, so shrinking z and growing W_dec
+        # rows cannot lower it; mean over the batch of sum_i z_i ||W_dec_i||.
+        l1 = (z @ self.W_dec.norm(dim=1)).mean()
+        idx = torch.arange(self.cfg.n_latents, device=z.device).expand_as(z)
+        return SAEOutput(main + self.cfg.l1_coef * l1, main, zero, zero, l1,
+                         (z > 0).sum(1).float().mean(), z.detach(), idx, (z > 0).any(0),
+                         self.denormalize(x_hat.detach(), mu, scale))
+
+    # ---- paper §2.4 / App. A: init of b_pre and the decoder constraint ----
+
+    @torch.no_grad()
+    def init_b_pre(self, x_sample):
+        """Set b_pre to the geometric median of a sample (B, d) of caller's-space inputs,
+        taken in the normalized space where the SAE works (paper [recalled] and [code],
+        which uses 32768 samples)."""
+        self.b_pre.copy_(geometric_median(self.normalize_input(x_sample)[0]))
+
+    @torch.no_grad()
+    def project_decoder_grad(self):
+        """After backward: remove from each decoder row's gradient its component along the
+        row, so Adam moves rows along the unit sphere. Rows are unit (normalize_decoder)."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.addcmul_(self.W_dec, torch.linalg.vecdot(g, self.W_dec).unsqueeze(1), value=-1)
+
+    @torch.no_grad()
+    def normalize_decoder(self, eps=1e-12):
+        """After the optimizer step: decoder rows back to unit norm (paper App. A.1)."""
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(eps))
+
+    # ---- fast path and dense reference: (vals, idx, x_hat, x_hat_multi, e_hat) ----
+
+    def _recon_fast(self, x_n, k_top, dead_idx, k_aux):
+        """One dense encoder matmul; everything after it costs O(B * (k_top + k_aux) * d)."""
+        k = self.cfg.k
+        vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
+            x_n, self.W_enc, self.b_enc, self.b_pre, k_top, k_top > k, dead_idx, k_aux)
+        codes = [(vals[:, :k], idx[:, :k])]
+        if k_top > k:  # L(4k) reuses the k-code reconstruction and adds the next 3k latents
+            codes.append((vals[:, k:], idx[:, k:]))
+        if k_aux:
+            codes.append((aux_vals, aux_idx))
+        outs = _sparse_decode(self.W_dec, codes)  # one (B, d) per code
+        x_hat = outs[0] + self.b_pre
+        x_hat_multi = x_hat + outs[1] if k_top > k else x_hat
+        e_hat = outs[-1] if k_aux else None
+        return vals, idx, x_hat, x_hat_multi, e_hat
+
+    def _recon_dense(self, x_n, k_top, dead_idx, k_aux):
+        """Readable reference: dense (B, n_latents) codes and matmuls; autograd does the rest."""
+        k = self.cfg.k
+        pre = self.preacts(x_n)  # (B, n_latents)
+        # selection only (on a copy, which AuxK may overwrite); values come from pre below
+        vals, idx, _, aux_idx = _topk_codes(pre.detach().clone(), k_top, k_top > k, dead_idx, k_aux)
+
+        def dense_code(i):  # (B, n_latents): ReLU'd pre-activations at i, zero elsewhere
+            return torch.zeros_like(pre).scatter(1, i, pre.gather(1, i)).relu()
+
+        x_hat = dense_code(idx[:, :k]) @ self.W_dec + self.b_pre
+        x_hat_multi = dense_code(idx) @ self.W_dec + self.b_pre if k_top > k else x_hat
+        e_hat = dense_code(aux_idx) @ self.W_dec if k_aux else None
+        return vals, idx, x_hat, x_hat_multi, e_hat
+
+    # ---- checks and checkpoints ----
+
+    def _check_input(self, x):
+        d = self.cfg.d_model
+        if x.dim() != 2 or x.shape[1] != d:
+            raise ValueError(f"x must have shape (batch, d_model={d}), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x must be finite, got NaN or inf values")
+        return x.to(self.b_pre.dtype)
+
+    def _check_k(self, k):
+        if not 1 <= k <= self.cfg.n_latents:
+            raise ValueError(f"k must be in [1, n_latents={self.cfg.n_latents}], got {k}")
+        return k
+
+    def _check_dead_mask(self, dead_mask, device):
+        """-> (n_dead,) indices of dead latents."""
+        if dead_mask is None:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        n = self.cfg.n_latents
+        if dead_mask.shape != (n,) or dead_mask.dtype != torch.bool:
+            raise ValueError(f"dead_mask must be a bool tensor of shape ({n},), "
+                             f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
+        return dead_mask.to(device).nonzero().squeeze(1)
+
+    def to_checkpoint(self):
+        return {"config": asdict(self.cfg), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        sae = cls(SAEConfig(**ckpt["config"]))
+        sae.load_state_dict(ckpt["state_dict"])
+        return sae
+
+
+def fvu(x, x_hat):
+    """Fraction of variance unexplained, the paper's normalized MSE (§2.1):
+    sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2 over a (B, d) batch. 0 is perfect,
+    1 is as good as predicting the batch mean; undefined when x has no batch variance."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+
+
+@torch.no_grad()
+def geometric_median(points, max_iter=1000, tol=1e-7, eps=1e-12):
+    """The point minimizing the sum of Euclidean distances to points (N, d), by
+    Weiszfeld's iteration (re-weighted means, weights 1 / distance), started at the mean.
+    Stops when a step is below tol times the mean distance (translation and scale free)."""
+    y = points.mean(dim=0)
+    for _ in range(max_iter):
+        dist = (points - y).norm(dim=1)
+        w = 1 / dist.clamp_min(eps)  # eps: y sitting exactly on a data point
+        y_next = (w.unsqueeze(1) * points).sum(dim=0) / w.sum()
+        done = (y_next - y).norm() <= tol * dist.mean()
+        y = y_next
+        if done:
+            break
+    # Weiszfeld crawls towards a minimizer that is a data point: take the nearest point
+    # if it is better by more than tol (not on ties, e.g. 2 points: keep the midpoint).
+    dist = (points - y).norm(dim=1)
+    nearest = points[dist.argmin()]
+    return nearest if (points - nearest).norm(dim=1).sum() < (1 - tol) * dist.sum() else y
+
+
+# ---- fast path: [code] kernels.py's sparse kernels, written with torch ops ----
+
+def _topk_codes(pre, k_top, sorted_, dead_idx, k_aux):
+    """Pre-activations (B, n) -> vals, idx (B, k_top) and aux_vals, aux_idx (B, k_aux),
+    the top k_aux among dead latents; pre is overwritten when most latents are dead.
+    vals come ReLU'd; sorted_ keeps the top k first inside the top 4k (Multi-TopK)."""
+    vals, idx = pre.topk(k_top, dim=1, sorted=sorted_)
+    if k_aux == 0:
+        return vals.relu(), idx, vals.new_zeros(len(vals), 0), idx.new_zeros(len(idx), 0)
+    if 2 * len(dead_idx) <= pre.shape[1]:  # few dead: a gathered (B, n_dead) slice
+        aux_vals, local = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
+        return vals.relu(), idx, aux_vals.relu(), dead_idx[local]
+    # most dead: hide the live latents in place rather than copy most of pre
+    live = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device).index_fill_(0, dead_idx, False)
+    aux_vals, aux_idx = pre.masked_fill_(live, float("-inf")).topk(k_aux, dim=1, sorted=False)
+    return vals.relu(), idx, aux_vals.relu(), aux_idx
+
+
+def _codes_csr_t(idx, vals, n):
+    """Codes idx[i], vals[i] (B, K_i) as row blocks of a sparse S (len(idx) * B, n) with
+    S[B * i + b, idx[i][b, j]] = vals[i][b, j]. Returns S^T (n, len(idx) * B) in CSR and
+    the order sorting the flattened entries by latent. A latent in two codes of a token
+    sits in two blocks, so no (row, latent) pair repeats."""
+    B = idx[0].shape[0]
+    rows = torch.cat([torch.arange(B * i, B * (i + 1), device=ix.device).repeat_interleave(ix.shape[1])
+                      for i, ix in enumerate(idx)])
+    cols = torch.cat([ix.reshape(-1) for ix in idx])
+    order = torch.argsort(cols, stable=True)  # stable: rows stay sorted within a latent
+    crow = F.pad(torch.bincount(cols, minlength=n).cumsum(0), (1, 0))
+    values = torch.cat([v.reshape(-1) for v in vals])[order]
+    return torch.sparse_csr_tensor(crow, rows[order], values, (n, B * len(idx)),
+                                   check_invariants=False), order
+
+
+def _spmm(S_t, dense):
+    """S_t (n, R) CSR @ dense (R, d) -> (n, d): the sum over entries of value * dense[row]
+    into each latent's row; no (R, K, d) tensor. Written into a fresh buffer with beta=0,
+    which skips the zero-fill and copy that S_t @ dense makes on CPU."""
+    out = dense.new_empty(S_t.shape[0], dense.shape[1])
+    return torch.addmm(out, S_t, dense, beta=0.0, out=out)
+
+
+class _SparseEncode(torch.autograd.Function):
+    """(x_n, W_enc, b_enc, b_pre) -> vals, idx (B, k_top), aux_vals, aux_idx (B, k_aux).
+    The one dense matmul of a step; under torch.autocast it runs in the autocast dtype
+    (addmm is on autocast's low-precision list) and the codes come back in W_enc's dtype.
+    Backward touches only the selected latents and computes no input gradient."""
+
+    @staticmethod
+    def forward(ctx, x_n, W_enc, b_enc, b_pre, k_top, sorted_, dead_idx, k_aux):
+        ctx.set_materialize_grads(False)
+        x_c = x_n - b_pre  # (B, d)
+        pre = torch.addmm(b_enc, x_c, W_enc.t())  # (B, n_latents), the only (B, n) buffer
+        # AuxK reads the same pre-activations: one encoder pass serves both losses.
+        codes = _topk_codes(pre, k_top, sorted_, dead_idx, k_aux)
+        vals, idx, aux_vals, aux_idx = (c.to(W_enc.dtype) if c.is_floating_point() else c for c in codes)
+        ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _, g_aux, __):
+        x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        # The gradient w.r.t. the pre-activations at the selected entries, 0 where the
+        # ReLU clipped (B, K); AuxK's entries join the TopK ones in one sparse matrix.
+        codes = [(i, g * (v > 0)) for v, i, g in ((vals, idx, g_vals), (aux_vals, aux_idx, g_aux))
+                 if g is not None and i.shape[1] > 0]
+        if not codes:
+            return (None,) * 8
+        S_t, _ = _codes_csr_t([i for i, _ in codes], [g for _, g in codes], W_enc.shape[0])
+        grad_W_enc = _spmm(S_t, x_c.repeat(len(codes), 1))  # (n_latents, d)
+        grad_b_enc = _spmm(S_t, x_c.new_ones(S_t.shape[1], 1)).squeeze(1)  # (n_latents,)
+        # [code] b_pre (encoder side): d pre / d b_pre = -W_enc, so one mat-vec.
+        grad_b_pre = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
+        return None, grad_W_enc, grad_b_enc, grad_b_pre, None, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """W_dec (n, d) and codes vals_0, idx_0, vals_1, idx_1, ... each (B, K_i) -> one
+    (B, d) per code, sum_j vals_i[:, j] W_dec[idx_i[:, j]], no bias. All of a step's codes
+    go through one call so that backward makes one W_dec gradient buffer."""
+
+    @staticmethod
+    def forward(ctx, W_dec, *codes):
+        ctx.save_for_backward(W_dec, *codes)
+        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum")
+                     for v, i in zip(codes[0::2], codes[1::2]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        W_dec, *codes = ctx.saved_tensors
+        vals, idx = codes[0::2], codes[1::2]
+        S_t, order = _codes_csr_t(idx, vals, W_dec.shape[0])  # (n, n_codes * B)
+        G = torch.cat(grads)  # (n_codes * B, d), the output gradients stacked like S's rows
+        grad_W_dec = _spmm(S_t, G)  # (n, d)
+        # vals: <W_dec[idx[b, j]], g[b]> at each entry, computed in S_t's latent order
+        dots = torch.sparse.sampled_addmm(S_t, W_dec, G.t(), beta=0.0).values()
+        dots = torch.empty_like(dots).scatter_(0, order, dots).split([v.numel() for v in vals])
+        grad_codes = [x for d, v in zip(dots, vals) for x in (d.view_as(v), None)]
+        return grad_W_dec, *grad_codes
+
+
+def _sparse_decode(W_dec, codes):
+    """codes: a list of (vals, idx) -> a list of (B, d) reconstructions, no bias."""
+    return list(_SparseDecode.apply(W_dec, *[t for code in codes for t in code]))
