@@ -181,6 +181,17 @@ def test_init_encoder_is_a_copy_of_unit_decoder_rows():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6, rtol=0)
 
 
+def test_init_encoder_scale_gives_unit_norm_reconstructions():
+    sae = SAE(SAEConfig(d_model=16, n_latents=256, k=8))
+    with torch.no_grad():
+        sae.b_pre.normal_()
+    sae.init_encoder_scale()
+    u = torch.nn.functional.normalize(torch.randn(4096, 16), dim=1) + sae.b_pre
+    x_hat_n = sae.decode_sparse(*sae.encode_sparse(u)) - sae.b_pre
+    assert abs(x_hat_n.norm(dim=1).mean().item() - 1) < 0.05
+    torch.testing.assert_close(sae.W_enc / sae.W_enc.norm(dim=1, keepdim=True), sae.W_dec)
+
+
 @FEW
 @given(st.lists(st.floats(-100, 100), min_size=1, max_size=15).filter(lambda v: len(v) % 2))
 def test_geometric_median_is_the_median_in_1d(values):

@@ -329,6 +329,7 @@ def train(c, resume=False):
     else:
         # paper §2.4 / [code]: b_pre starts at the geometric median of a sample of inputs
         sae.init_b_pre(stream.sample(32768).to(c.device))  # [code]: 32,768 samples
+        sae.init_encoder_scale()
         with open(log_path, "w"):
             pass
     ema = EMA(sae, c.ema_decay)
