@@ -380,13 +380,18 @@ def get_batch(data, batch_size, block_size, generator):
     return x, y
 
 
-def fixed_windows(data, block_size, n_windows):
-    """Deterministic held-out windows: n_windows evenly spaced, non-overlapping contexts of
-    block_size + 1 tokens. (n, block_size + 1) int64 tensor."""
-    n_avail = (len(data) - 1) // block_size
+def fixed_window_starts(n_ids, block_size, n_windows):
+    """Start offsets of n_windows evenly spaced, non-overlapping windows of block_size + 1
+    tokens in a token array of length n_ids (fewer if they do not fit)."""
+    n_avail = (n_ids - 1) // block_size
     if n_avail < 1:
-        raise UserError(f"held-out text has {len(data)} tokens, fewer than one context of {block_size + 1}")
-    starts = np.linspace(0, n_avail - 1, min(n_windows, n_avail)).astype(np.int64) * block_size
+        raise UserError(f"held-out text has {n_ids} tokens, fewer than one context of {block_size + 1}")
+    return np.linspace(0, n_avail - 1, min(n_windows, n_avail)).astype(np.int64) * block_size
+
+
+def fixed_windows(data, block_size, n_windows):
+    """Deterministic held-out windows at fixed_window_starts: (n, block_size + 1) int64."""
+    starts = fixed_window_starts(len(data), block_size, n_windows)
     return torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts]))
 
 
@@ -434,13 +439,13 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):
             raise UserError(f"{path}: refused: it holds pickled Python objects, and unpickling them can run "
                             f"arbitrary code (torch.load weights_only=True); re-save it as tensors and plain dicts") from None
-        raise UserError(f"{path}: corrupt checkpoint ({str(e).splitlines()[0]}); re-create it") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt "
-                        f"({str(e).splitlines()[0][:120]}); re-create it") from None
+        raise UserError(f"{path}: not a torch checkpoint, or corrupt; re-create it") from None
+    except (RuntimeError, EOFError, OSError, ValueError, LookupError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({why}); re-create it") from None
 
 
 def file_sha256(path):

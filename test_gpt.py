@@ -218,6 +218,14 @@ def test_checkpoint_atomic_and_safe_loading(tmp_path):
         gpt.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.parametrize("content", [b"", b"hello\n", b"not a checkpoint", bytes(range(256))])
+def test_garbage_checkpoint_is_a_user_error(tmp_path, content):
+    p = tmp_path / "junk.pt"
+    p.write_bytes(content)
+    with pytest.raises(UserError, match="junk.pt: not a"):
+        gpt.load_checkpoint(str(p))
+
+
 def run_gpt(*args, cwd):
     return subprocess.run([sys.executable, os.path.join(HERE, "gpt.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)

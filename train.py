@@ -401,7 +401,8 @@ def load_sae(path, ema=True):
     EMA weights (what the paper evaluates), else the raw final weights."""
     ck = gpt.load_checkpoint(path)
     if not isinstance(ck, dict) or "sae_config" not in ck or "sae" not in ck:
-        raise UserError(f"{path}: not an SAE checkpoint from train.py (no sae_config/sae)")
+        raise UserError(f"{path}: not an SAE checkpoint (no sae_config/sae); pass the ckpt.pt that train.py "
+                        f"writes (out/<run>/ckpt.pt)")
     sae = SAE(SAEConfig(**ck["sae_config"]))
     sae.load_state_dict(ck["ema"] if ema else ck["sae"])
     return sae.eval(), ck

@@ -1,0 +1,820 @@
+"""
+evals.py: the paper's evaluations of a trained SAE, on held-out text only.
+
+    python evals.py out/topk_n32768_k32/ckpt.pt                  # every section
+    python evals.py out/topk_n32768_k32/ckpt.pt --skip probe,n2g  # leave some out
+    python evals.py out/topk_n32768_k32/ckpt.pt --raw            # the raw weights, not their EMA
+
+Loads the SAE and the subject model its checkpoint names (checked against the recorded
+sha256), reads the held-out split of the text it was trained on (gpt.split_text) and prints
+a report in seven sections, the paper's metrics in its order:
+
+    1. reconstruction        FVU (normalized MSE) and L0                          paper §2.1
+    2. latent activity       dead and dense latents, firing-rate histogram        paper §2.4
+    3. downstream loss       delta CE, KL, loss recovered, reconstruction spliced  paper §4.1
+    4. probe loss            best 1-D logistic probe over latents, per task       paper §4.2
+    5. N2G                   pattern explanations: precision, recall, F1          paper §4.3
+    6. ablation sparsity     how concentrated one latent's effect on logits is    paper §4.5
+    7. progressive recovery  FVU and delta CE at test-time k'                     paper §5.3
+
+Writes eval.json (every number, the flags, per-task probes, N2G patterns) and the PNGs
+eval_firing_rates.png and eval_progressive.png next to the checkpoint (with --raw:
+eval_raw.json, eval_raw_*.png, so both sets can sit side by side).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import gpt
+import train
+from gpt import UserError
+from sae import fvu
+
+SECTIONS = ("reconstruction", "activity", "downstream", "probe", "n2g", "ablation", "progressive")
+ABLATION_T = 16  # paper §4.5: the ablated position and the next 15, 16 positions in all
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a train.py SAE checkpoint on held-out text (the paper's metrics).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("path", help="SAE checkpoint written by train.py, e.g. out/topk_n32768_k32/ckpt.pt")
+    p.add_argument("--tokens", type=int, default=32768,
+                   help="held-out tokens for sections 1-3 and 7 (evenly spaced contexts of the SAE's ctx_len); "
+                        "the probe, N2G and ablation samples are drawn from these contexts")
+    p.add_argument("--probe_tokens", type=int, default=1024,
+                   help="tokens per probe task: half positives, half negatives, split evenly into train and test")
+    p.add_argument("--n2g_latents", type=int, default=64, help="live latents sampled for N2G explanations")
+    p.add_argument("--n2g_examples", type=int, default=16,
+                   help="activating contexts per N2G latent: half the top-activating, half chosen at random")
+    p.add_argument("--ablation_samples", type=int, default=0,
+                   help="(position, active latent) pairs for ablation sparsity, and as many random directions; "
+                        "0 means 256, or 32 when the vocabulary has more than 1000 tokens (GPT-2)")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to leave out: {','.join(SECTIONS)}")
+    p.add_argument("--raw", action="store_true", help="evaluate the raw final weights instead of their EMA")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every sample")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Loading: the SAE, its subject model (hash-checked) and the held-out sample
+
+
+def load(path, raw=False, device="cpu"):
+    """-> (sae, model, tokenizer, subject dict, held-out token ids), all on `device`."""
+    sae, ck = train.load_sae(path, ema=not raw)
+    subject = ck.get("subject")
+    if not subject:
+        raise UserError(f"{path}: no subject model recorded in the checkpoint; train it with python train.py")
+    weights, data = subject["path"], subject["data"]
+    fix = f"restore it, or retrain the SAE: python train.py --model {subject['model']}"
+    if not os.path.isfile(weights):
+        raise UserError(f"{path}: its subject model {weights} is missing; {fix}")
+    if gpt.file_sha256(weights) != subject["sha256"]:
+        raise UserError(f"{path}: subject model {weights} is not the one the SAE was trained on "
+                        f"(sha256 differs from {subject['sha256'][:12]}...); {fix}")
+    if not os.path.isfile(data):
+        raise UserError(f"{path}: its training text {data} is missing; restore it to evaluate on its held-out split")
+    pretrained = subject["model"] in gpt.GPT.PRETRAINED
+    model, tok, _ = gpt.load_subject_model(subject["model"] if pretrained else weights, weights if pretrained else None)
+    if model.config.n_embd != sae.cfg.d_model:
+        raise UserError(f"{path}: SAE d_model {sae.cfg.d_model} != subject model width {model.config.n_embd}")
+    val_ids = gpt.encode_text(gpt.split_text(gpt.load_text(data))[1], tok)
+    return sae.to(device), model.to(device), tok, subject, val_ids
+
+
+@dataclass
+class Heldout:
+    """The held-out sample the sections share. Rows of x are the evaluated positions
+    first..T-1 of every window, window-major; row r is window r // (T - first)."""
+    windows: torch.Tensor  # (W, T + 1) token ids: inputs [:, :-1], next-token targets [:, 1:]
+    starts: np.ndarray     # (W,) offset of each window in the held-out ids
+    n_ids: int             # length of the held-out ids (N2G splits them in halves)
+    first: int             # 1 when position 0 is excluded, as in training (its residual is an outlier)
+    h: torch.Tensor        # (W, T, d) residual after block `layer`, every position
+    x: torch.Tensor        # (N, d) raw residuals at the evaluated positions
+    x_n: torch.Tensor      # (N, d) the SAE's normalized space (paper §2.1), with mu, scale (N, 1)
+    mu: torch.Tensor
+    scale: torch.Tensor
+    vals: torch.Tensor     # (N, K) code values sorted descending, ReLU'd, K >= 4k: a prefix of
+    idx: torch.Tensor      # length k' is the TopK(k') code (paper §5.3); (N, K) latent ids
+
+    def code(self, k=None):
+        """(vals, idx) of the TopK(k) code; k=None: the SAE's own code (all of a ReLU SAE's)."""
+        return self.vals[:, :k], self.idx[:, :k]
+
+    def positions(self):
+        """(N,) offset in the held-out ids of each row's token."""
+        return (self.starts[:, None] + np.arange(self.first, self.h.shape[1])).reshape(-1)
+
+
+def own_k(sae):
+    """The SAE's own code: TopK(k), or None for the whole ReLU code."""
+    return sae.cfg.k if sae.cfg.activation == "topk" else None
+
+
+@torch.no_grad()
+def heldout(model, sae, val_ids, layer, ctx_len, include_first, n_tokens, k_max):
+    """Evenly spaced, non-overlapping held-out windows of ctx_len + 1 tokens (the spacing of
+    gpt.fixed_windows, as train.heldout_windows, kept with their offsets), their residuals, and
+    the SAE's code for each evaluated token, sorted, k_max wide (a ReLU SAE: all positives)."""
+    first = 0 if include_first else 1
+    starts = gpt.fixed_window_starts(len(val_ids), ctx_len, max(2, math.ceil(n_tokens / (ctx_len - first))))
+    n_windows = len(starts)
+    windows = torch.from_numpy(val_ids[starts[:, None] + np.arange(ctx_len + 1)])
+    device = sae.b_pre.device
+    h = torch.cat([model.resid(windows[i:i + 64, :-1].to(device), layer).float() for i in range(0, n_windows, 64)])
+    x = h[:, first:].reshape(-1, h.shape[-1])
+    x_n, mu, scale = sae.normalize_input(x)
+    from tqdm import tqdm
+    rows = max(1, 2 ** 25 // sae.cfg.n_latents)  # (rows, n_latents) pre-activations: 128 MiB at a time
+    codes = [encode_sorted(sae, x_n[i:i + rows], k_max)
+             for i in tqdm(range(0, len(x_n), rows), desc="encode", unit="chunk", leave=False)]
+    K = max(v.shape[1] for v, _ in codes)  # a ReLU code's width varies by chunk: pad with zeros
+    vals = torch.cat([F.pad(v, (0, K - v.shape[1])) for v, _ in codes])
+    idx = torch.cat([F.pad(i, (0, K - i.shape[1])) for _, i in codes])
+    return Heldout(windows, starts, len(val_ids), first, h, x, x_n, mu, scale, vals, idx)
+
+
+def encode_sorted(sae, x_n, k_max):
+    """Normalized (B, d) -> (vals, idx) (B, K) sorted descending and ReLU'd. TopK SAE: K = k_max;
+    ReLU SAE: every positive pre-activation (TopK(k') on it is again a prefix)."""
+    pre = sae.preacts(x_n)  # (B, n_latents)
+    if sae.cfg.activation == "relu":
+        k_max = max(1, int((pre > 0).sum(1).max()))
+    vals, idx = pre.topk(min(k_max, pre.shape[1]), dim=1, sorted=True)
+    return vals.relu(), idx
+
+
+def reconstruct(sae, data, k=None):
+    """-> (x_hat_n, x_hat): the reconstruction from the TopK(k) code in the normalized and in
+    the raw residual space, each (N, d)."""
+    x_hat_n = sae.decode_sparse(*data.code(k))
+    return x_hat_n, sae.denormalize(x_hat_n, data.mu, data.scale)
+
+
+# -----------------------------------------------------------------------------
+# 1. Reconstruction (paper §2.1)
+
+
+def reconstruction_metrics(x, x_hat, x_n, x_hat_n, vals):
+    """paper §2.1. FVU (normalized MSE) = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean_t x||^2,
+    the MSE relative to always predicting the mean (sae.fvu), over all evaluated tokens, in the
+    SAE's normalized space (x_n = normalize_input(resid), where the SAE is trained) and in the
+    raw residual space. L0 = mean over tokens of #{i : z_i > 0}."""
+    return {"fvu": fvu(x_n, x_hat_n).item(), "fvu_raw": fvu(x, x_hat).item(),
+            "l0": (vals > 0).sum(1).float().mean().item(), "tokens": len(x)}
+
+
+def reconstruction(sae, data):
+    x_hat_n, x_hat = reconstruct(sae, data, own_k(sae))
+    return reconstruction_metrics(data.x, x_hat, data.x_n, x_hat_n, data.code(own_k(sae))[0])
+
+
+# -----------------------------------------------------------------------------
+# 2. Latent activity (paper §2.4)
+
+
+def latent_activity(sae, data):
+    """Firing rate f_i = #{tokens with z_i > 0} / #tokens over the evaluated tokens. Dead: f_i = 0
+    (the paper's criterion is 10M training tokens, §2.4: on a smaller sample more latents look
+    dead). Dense: f_i > 1% and > 10%. Histogram of log10 f_i over the live latents."""
+    vals, idx = data.code(own_k(sae))
+    freq = torch.bincount(idx[vals > 0], minlength=sae.cfg.n_latents).double().cpu() / len(vals)  # (n_latents,)
+    live = freq[freq > 0].log10().numpy()
+    counts, edges = np.histogram(live, bins=50) if len(live) else (np.zeros(0), np.zeros(0))
+    return {"dead_frac": (freq == 0).double().mean().item(), "dense_1pct_frac": (freq > 0.01).double().mean().item(),
+            "dense_10pct_frac": (freq > 0.1).double().mean().item(), "tokens": len(vals),
+            "median_log10_freq_live": float(np.median(live)) if len(live) else None,
+            "log10_freq_hist": {"counts": counts.tolist(), "edges": edges.tolist()}}
+
+
+# -----------------------------------------------------------------------------
+# 3. Downstream loss (paper §4.1)
+
+
+@torch.no_grad()
+def spliced_losses(model, data, layer, variants):
+    """Cross-entropy of the next token with the residual after block `layer` replaced at the
+    evaluated positions by each variant ((N, d) per-token, or (d,) broadcast), and
+    KL(clean || spliced) = sum_v p_clean(v) (log p_clean(v) - log p_spliced(v)), both mean nats
+    per evaluated token. -> {"clean": ce, name: (ce, kl), ...}."""
+    W, T, d = data.h.shape
+    first, per = data.first, T - data.first
+    tgt = data.windows[:, 1 + first:].to(data.h.device)
+    reps = {name: r.view(W, per, d) if r.dim() == 2 else r.expand(W, per, d) for name, r in variants.items()}
+    ce = dict.fromkeys(["clean", *variants], 0.0)
+    kl = dict.fromkeys(variants, 0.0)
+    logp = lambda r: model.logits_from_resid(r, layer)[:, first:].log_softmax(-1)  # (B, T', V)
+    bs = max(1, 2 ** 24 // (T * model.config.vocab_size))  # windows per batch: logits (bs, T, V) of 64 MiB
+    for i in range(0, W, bs):
+        h, t = data.h[i:i + bs], tgt[i:i + bs]
+        clean = logp(h)
+        ce["clean"] += F.nll_loss(clean.flatten(0, 1), t.flatten(), reduction="sum").item()
+        for name, rep in reps.items():
+            s = logp(torch.cat([h[:, :first], rep[i:i + bs]], 1))
+            ce[name] += F.nll_loss(s.flatten(0, 1), t.flatten(), reduction="sum").item()
+            kl[name] += F.kl_div(s, clean, log_target=True, reduction="sum").item()
+    n = tgt.numel()
+    return {"clean": ce["clean"] / n, **{name: (ce[name] / n, kl[name] / n) for name in variants}}
+
+
+def downstream_loss(model, sae, data, layer):
+    """paper §4.1, the reconstruction spliced in at every evaluated position: delta CE =
+    CE_spliced - CE_clean and KL(clean || spliced) (the headline numbers), and loss recovered
+    = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean) against zero-ablation (residual := 0)
+    and mean-ablation (residual := its mean over the evaluated tokens); it saturates near 1."""
+    r = spliced_losses(model, data, layer, {"sae": reconstruct(sae, data, own_k(sae))[1],
+                                            "zero": data.x.new_zeros(data.x.shape[1]), "mean": data.x.mean(0)})
+    clean, (ce, kl) = r["clean"], r["sae"]
+    recovered = lambda abl: (abl - ce) / (abl - clean) if abl != clean else None
+    return {"ce_clean": clean, "ce_spliced": ce, "delta_ce": ce - clean, "kl": kl,
+            "ce_zero_ablation": r["zero"][0], "ce_mean_ablation": r["mean"][0],
+            "loss_recovered_zero": recovered(r["zero"][0]), "loss_recovered_mean": recovered(r["mean"][0]),
+            "tokens": len(data.x)}
+
+
+# -----------------------------------------------------------------------------
+# 4. Probe loss (paper §4.2)
+
+PROBE_WORDS = ("the", "that", "this", "thou", "and", "you", "your")  # about 1-2.5% of held-out characters each
+
+
+def char_rules(text):
+    """Binary labels per character of `text`, each a function of the text up to and including
+    that character only (nothing ahead). -> {task: (len(text),) bool}."""
+    c = np.array(list(text))
+    n, pos = len(c), np.arange(len(text))
+    prev = lambda a, fill: np.concatenate([[fill], a[:-1]])
+    lc, upper, letter = np.char.lower(c), np.char.isupper(c), np.char.isalpha(c)
+    nl = c == "\n"
+    starts = np.flatnonzero(prev(nl, True))  # first position of each line
+    line = np.cumsum(prev(nl, False))  # (n,) line number; a newline ends its line
+    line_start = starts[line]
+    # all capitals so far in the line (speaker names "TROILUS.", headings), first char a capital
+    bad = np.concatenate([[0], np.cumsum(~(upper | np.isin(c, list(" .,'-"))))])
+    caps_line = (bad[pos + 1] - bad[line_start] == 0) & upper[line_start] & ~nl
+    ends = np.flatnonzero(nl) - 1  # last char of each complete line
+    ok = (ends >= starts[:len(ends)]) & caps_line[ends.clip(0)] & (c[ends.clip(0)] == ".")
+    after_caps = np.concatenate([[False], ok])  # after_caps[L]: line L - 1 was "NAME."
+    word = letter | ((c == "'") & prev(letter, False))  # a word: letters, apostrophes inside ("I'll")
+    word_start = letter & ~prev(word, False)
+    ws = np.maximum.accumulate(np.where(word_start, pos, 0))  # (n,) start of the current word
+    nonspace = np.maximum.accumulate(np.where(~np.char.isspace(c), pos, -1))
+    prev_nonspace = prev(nonspace, -1)
+    punct = np.isin(c, list(",.;:!?"))
+    last_punct = np.maximum.accumulate(np.where(punct, pos, -1))
+    rules = {
+        "stage_direction": np.cumsum(c == "[") - np.cumsum(c == "]") > 0,  # inside [Enter ...]
+        "speaker_line": caps_line,  # a line of capitals so far: a speaker's name, a heading
+        "first_speech_line": after_caps[line],  # the line after a speaker's name
+        "upper": upper,
+        "vowel": np.isin(lc, list("aeiou")),
+        "digit": np.char.isdigit(c),
+        "space": c == " ",
+        "newline": nl,
+        "punctuation": np.isin(c, list(",.;:!?'-")),
+        "line_start": (pos == line_start) & ~nl,
+        "late_in_line": (pos - line_start >= 30) & ~nl,
+        "word_start": word_start,
+        "in_word": letter & ~word_start & word,
+        "long_word": letter & word & (pos - ws >= 4),
+        "capitalized_word": word & upper[ws],
+        "double_letter": letter & (lc == prev(lc, "")),
+        "after_end_punct": prev(np.isin(c, list(".!?")), False),
+        "sentence_start": word_start & (prev_nonspace >= 0) & np.isin(c[prev_nonspace.clip(0)], list(".!?")),
+        "after_comma": (last_punct >= line_start) & (c[last_punct.clip(0)] == ","),
+    }
+    for w in PROBE_WORDS:  # spelling w: the word so far is a prefix of w (no look-ahead), from its 2nd letter
+        m = word_start & (lc == w[0])
+        rules[f"word_{w}"] = np.zeros(n, bool)
+        for ch in w[1:]:
+            m = prev(m, False) & (lc == ch)
+            rules[f"word_{w}"] |= m
+    return rules
+
+
+def probe_labels(tok, ids):
+    """Binary labels per token of the held-out ids. Char model: char_rules. BPE: char_rules at
+    each token's last character, the word tasks as "the token is the word", plus token-shape
+    tasks. -> {task: (len(ids),) bool}."""
+    if tok.kind == "char":
+        return char_rules(tok.decode(ids))
+    pieces = [tok.decode([i]) for i in ids]
+    last = (np.cumsum([len(p) for p in pieces]) - 1).clip(0)  # (n_tokens,) each token's last char
+    labels = {k: v[last] for k, v in char_rules("".join(pieces)).items() if not k.startswith("word_")}
+    words = np.array([p.strip().lower() for p in pieces])
+    labels.update({f"word_{w}": words == w for w in PROBE_WORDS})
+    labels["leading_space"] = np.array([p.startswith(" ") for p in pieces])
+    labels["capitalized_token"] = np.array([p.strip()[:1].isupper() for p in pieces])
+    return labels
+
+
+def fit_logistic(f, y, ridge=1e-3, iters=20, tol=1e-4, max_step=5.0):
+    """Newton's method for many 1-D logistic regressions at once: for each row of f (F, M)
+    (a standardized feature over M tokens) and shared labels y (M,) in {0, 1}, minimize
+    mean_t CE(y_t, sigmoid(a + b f_t)) + ridge/2 b^2. Each step solves the 2x2 Newton system
+    in closed form; steps are capped at max_step (scaled, so the Newton direction is kept), and
+    rows whose step fell below tol leave the active set. -> a, b (F,)."""
+    a, b = f.new_zeros(len(f)), f.new_zeros(len(f))
+    active, fa = torch.arange(len(f), device=f.device), f
+    for _ in range(iters):
+        p = torch.sigmoid(torch.addcmul(a[active, None], b[active, None], fa))  # (F', M)
+        r, w = p - y, p * (1 - p)
+        ga, gb = r.mean(1), (r * fa).mean(1) + ridge * b[active]
+        wf = w * fa
+        haa, hab, hbb = w.mean(1), wf.mean(1), (wf * fa).mean(1) + ridge
+        det = (haa * hbb - hab ** 2).clamp_min(1e-12)
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        step = torch.maximum(da.abs(), db.abs())
+        s = (max_step / step).clamp(max=1.0)
+        a[active] -= s * da
+        b[active] -= s * db
+        keep = step > tol
+        active, fa = active[keep], fa[keep]
+        if len(active) == 0:
+            break
+    return a, b
+
+
+def logistic_ce(f, y, a, b):
+    """Mean cross-entropy (nats) of sigmoid(a + b f) per row of f (F, M) against y (M,)."""
+    return F.binary_cross_entropy_with_logits(torch.addcmul(a[:, None], b[:, None], f), y.expand_as(f),
+                                              reduction="none").mean(1)
+
+
+def probe_task(f_train, y_train, f_test, y_test):
+    """paper §4.2 for one task: standardize each feature (rows of f, (F, M)) with train
+    statistics, fit a 1-D logistic regression per feature on train, pick the feature with the
+    lowest train cross-entropy, report its test cross-entropy."""
+    mu, sd = f_train.mean(1, keepdim=True), f_train.std(1, keepdim=True).clamp_min(1e-6)
+    f_train = (f_train - mu) / sd
+    a, b = fit_logistic(f_train, y_train)
+    train_ce = logistic_ce(f_train, y_train, a, b)
+    best = int(train_ce.argmin())
+    test = (f_test[best:best + 1] - mu[best]) / sd[best]
+    return {"best": best, "train_ce": train_ce[best].item(),
+            "test_ce": logistic_ce(test, y_test, a[best:best + 1], b[best:best + 1]).item()}
+
+
+@torch.no_grad()
+def probe_loss(sae, data, labels, n_tokens, seed):
+    """paper §4.2. For each binary task with a base rate of 1-99% among the evaluated tokens:
+    up to n_tokens of them, half positive and half negative, split into equal train and test parts
+    (chance = ln 2 = 0.693); the best latent's test cross-entropy of a 1-D logistic regression
+    on its pre-activation (probe_task), and the same over the raw residual channels (d_model)
+    as the baseline. Reported: the means over tasks; lower is better."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    pos = data.positions()
+    tasks, skipped = [], []
+    for name, lab in tqdm(labels.items(), desc="probe", unit="task", leave=False):
+        y = torch.from_numpy(lab[pos]).to(data.x.device)
+        rate = y.float().mean().item()
+        m = min(int(y.sum()), int((~y).sum()), n_tokens // 2) // 2  # per class and split
+        if not 0.01 <= rate <= 0.99 or m < 16:  # fewer: the best-of-n_latents choice is noise
+            skipped.append({"task": name, "base_rate": rate})
+            continue
+        pick = lambda rows: rows[torch.randperm(len(rows), generator=g)[:2 * m].to(rows.device)]
+        p, q = pick(y.nonzero()[:, 0]), pick((~y).nonzero()[:, 0])
+        train_rows, test_rows = torch.cat([p[:m], q[:m]]), torch.cat([p[m:], q[m:]])
+        yy = torch.cat([y.new_ones(m), y.new_zeros(m)]).float()
+        latent = probe_task(sae.preacts(data.x_n[train_rows]).T.contiguous(), yy,
+                            sae.preacts(data.x_n[test_rows]).T, yy)  # (n_latents, 2m)
+        channel = probe_task(data.x[train_rows].T.contiguous(), yy, data.x[test_rows].T, yy)  # (d_model, 2m)
+        tasks.append({"task": name, "base_rate": rate, "n_train": 2 * m, "n_test": 2 * m,
+                      "latent": latent["best"], "latent_ce": latent["test_ce"], "latent_train_ce": latent["train_ce"],
+                      "channel": channel["best"], "channel_ce": channel["test_ce"]})
+    mean = lambda key: float(np.mean([t[key] for t in tasks])) if tasks else None
+    return {"mean_latent_ce": mean("latent_ce"), "mean_channel_ce": mean("channel_ce"), "chance_ce": math.log(2),
+            "tasks": tasks, "skipped": skipped}
+
+
+# -----------------------------------------------------------------------------
+# 5. N2G explanations (paper §4.3; openai/sparse_autoencoder explanations.py)
+
+ANY, START, ACT = "*", "^", "act"  # trie keys besides token ids: wildcard, context start, leaf activation
+
+
+def n2g_build(act_fn, examples, pad, min_len=1, max_len=None):
+    """Neuron-to-Graph explanations, OpenAI's simplified variant. examples: (latent, tokens, act)
+    with tokens a context ending at the activating token (list of ids) and act > 0 its
+    activation. act_fn(contexts, latents) -> each context's activation at its last token. Per
+    example: the shortest suffix (>= min_len tokens) keeping >= half the activation; anchored at
+    the context start if prefixing the pad token drops it below half; each suffix token's
+    saliency 1 - act(token := pad) / act(suffix), a wildcard below 0.5. The suffixes go reversed
+    into a trie per latent whose leaf holds the suffix's activation. -> {latent: trie}."""
+    found = [None] * len(examples)  # (suffix length, activation)
+    lo, hi, longest = min_len, 8, max((len(t) for _, t, _ in examples), default=0)
+    while lo <= longest and None in found:  # lengths in doubling chunks: most suffixes are short
+        todo = [(e, L) for e, (_, toks, _) in enumerate(examples) if found[e] is None
+                for L in range(lo, min(hi, len(toks)) + 1)]
+        acts = act_fn([examples[e][1][-L:] for e, L in todo], [examples[e][0] for e, _ in todo])
+        for (e, L), act in zip(todo, acts):
+            if found[e] is None and act >= 0.5 * examples[e][2]:
+                found[e] = (L, act)
+        lo, hi = hi + 1, 2 * hi
+    found = [f or (len(t), a) for f, (_, t, a) in zip(found, examples)]  # none: the whole context
+    queries = []  # (context, latent, example, position replaced by pad; -1: pad prefixed)
+    for e, ((lat, toks, _), (L, _)) in enumerate(zip(examples, found)):
+        s = toks[-L:]
+        if max_len is None or L < max_len:
+            queries.append(([pad] + s, lat, e, -1))
+        queries += [(s[:i] + [pad] + s[i + 1:], lat, e, i) for i in range(L)]
+    acts = act_fn([q[0] for q in queries], [q[1] for q in queries]) if queries else []
+    anchored = [True] * len(examples)  # a suffix as long as the context cannot be tested: anchored
+    saliency = [[0.0] * L for L, _ in found]
+    for (_, _, e, i), act in zip(queries, acts):
+        if i < 0:
+            anchored[e] = act / examples[e][2] < 0.5
+        else:
+            saliency[e][i] = 1 - act / found[e][1]
+    tries = {}
+    for (lat, toks, _), (L, act), sal, anc in zip(examples, found, saliency, anchored):
+        node = tries.setdefault(lat, {})
+        for tok, s in zip(toks[-L:][::-1], sal[::-1]):
+            node = node.setdefault(tok if s >= 0.5 else ANY, {})
+        if anc:
+            node = node.setdefault(START, {})
+        node[ACT] = act
+    return tries
+
+
+def n2g_predict(trie, tokens):
+    """explanations.py's predict: for each position walk back through the trie, an exact token
+    before the wildcard, until a node holds an activation; a START node matches only at the
+    first token. -> predicted activation per position (list)."""
+    out = [0.0] * len(tokens)
+    for i in range(len(tokens)):
+        node = trie
+        for j in range(i, -1, -1):
+            node = node.get(tokens[j], node.get(ANY))
+            if node is None:
+                break
+            if ACT in node:
+                out[i] = node[ACT]
+                break
+            if j == 0 and START in node:
+                out[i] = node[START][ACT]
+    return out
+
+
+def n2g_patterns(trie):
+    """-> [(tokens in text order, ANY for wildcards, anchored, activation)] of a trie."""
+    out = []
+
+    def walk(node, path):
+        for key, child in node.items():
+            if key == ACT:
+                out.append((path[::-1], False, child))
+            elif key == START:
+                out.append((path[::-1], True, child[ACT]))
+            else:
+                walk(child, path + [key])
+    walk(trie, [])
+    return out
+
+
+def render_pattern(tok, tokens, anchored):
+    """Readable pattern: ^ context start, * any token, ␣ space, ⏎ newline."""
+    s = "".join(ANY if t == ANY else tok.decode([t]) for t in tokens)
+    return ("^" if anchored else "") + s.replace("\n", "⏎").replace(" ", "␣")
+
+
+def prf(pred, actual):
+    """Precision TP / #predicted, recall TP / #actual, F1 their harmonic mean; 0 if undefined."""
+    tp = int((pred & actual).sum())
+    p, r = tp / max(int(pred.sum()), 1), tp / max(int(actual.sum()), 1)
+    return p, r, 2 * p * r / (p + r) if p + r else 0.0
+
+
+def latent_values(sae, x, latents, k):
+    """Raw residuals (B, d) -> (B,) value of latents[b] in the SAE code of x[b] (0 when outside
+    the TopK or negative: the code z, not the pre-activation)."""
+    pre = sae.preacts(sae.normalize_input(x)[0])  # (B, n_latents)
+    v = pre.gather(1, latents[:, None])[:, 0]
+    if k is not None:
+        v = torch.where(v >= pre.topk(k, dim=1).values[:, -1], v, 0.0)
+    return v.relu()
+
+
+def latent_act_fn(model, sae, layer, pad, batch=256):
+    """act_fn for n2g_build: contexts sorted by length, right-padded (invisible to a causal
+    model), the latent's value at each context's last token."""
+    device = sae.b_pre.device
+
+    @torch.no_grad()
+    def act_fn(contexts, latents):
+        from tqdm import tqdm
+        out = np.zeros(len(contexts), dtype=np.float32)
+        order = np.argsort([len(c) for c in contexts], kind="stable")
+        for i in tqdm(range(0, len(order), batch), desc="n2g build", unit="batch", leave=False):
+            sel = order[i:i + batch]
+            lens = torch.tensor([len(contexts[j]) for j in sel])
+            ids = torch.full((len(sel), int(lens.max())), pad, dtype=torch.long)
+            for r, j in enumerate(sel):
+                ids[r, :lens[r]] = torch.tensor(contexts[j])
+            h = model.resid(ids.to(device), layer)[torch.arange(len(sel)), lens - 1].float()  # (B, d)
+            lat = torch.tensor([latents[j] for j in sel], device=device)
+            out[sel] = latent_values(sae, h, lat, own_k(sae)).cpu().numpy()
+        return out
+    return act_fn
+
+
+def n2g(model, sae, data, layer, tok, n_latents, n_examples, seed):
+    """paper §4.3. Held-out ids split in halves: sample live latents of the first half, build
+    each one's N2G explanation from its top-activating and random activating contexts there
+    (n2g_build), predict "fires" (activation > 0) at every evaluated token of the second half
+    and score against the SAE code: precision, recall, F1 per latent, and their medians."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    W, T, _ = data.h.shape
+    per = T - data.first
+    half = data.n_ids // 2
+    win = torch.arange(len(data.x)) // per  # (N,) window of each row
+    build = torch.from_numpy(data.starts + T <= half)[win]
+    score_w = np.flatnonzero(data.starts >= half)
+    if not build.any() or not len(score_w):
+        raise UserError(f"N2G needs held-out contexts in both halves of the text: raise --tokens (now {len(data.x)})")
+    vals, idx = (t.cpu() for t in data.code(own_k(sae)))
+    fired = torch.bincount(idx[build][vals[build] > 0], minlength=sae.cfg.n_latents)
+    live = fired.nonzero()[:, 0]
+    latents = live[torch.randperm(len(live), generator=g)[:n_latents]].sort().values  # (S,)
+    col = torch.full((sae.cfg.n_latents,), -1).index_put_((latents,), torch.arange(len(latents)))
+    z = torch.zeros(len(vals), len(latents))  # (N, S) activations of the sampled latents
+    m = (col[idx] >= 0) & (vals > 0)
+    z[m.nonzero()[:, 0], col[idx][m]] = vals[m]
+    examples = []
+    for s, lat in enumerate(latents.tolist()):
+        rows = (build & (z[:, s] > 0)).nonzero()[:, 0]
+        top = rows[z[rows, s].argsort(descending=True)[:n_examples // 2]]
+        rest = rows[~torch.isin(rows, top)]
+        pick = torch.cat([top, rest[torch.randperm(len(rest), generator=g)[:n_examples - len(top)]]])
+        for r in pick.tolist():
+            w, t = r // per, data.first + r % per
+            examples.append((lat, data.windows[w, :t + 1].tolist(), z[r, s].item()))
+    # pad: GPT-2's <|endoftext|>; the char model's space, its most frequent character, so a context
+    # with one character blanked is still ordinary text to the model. The price: a space is never
+    # salient (blanking it changes nothing), so word-boundary conditions become wildcards.
+    pad = 50256 if tok.kind == "gpt2" else tok.stoi.get(" ", 0)
+    tries = n2g_build(latent_act_fn(model, sae, layer, pad), examples, pad,
+                      min_len=data.first + 1, max_len=model.config.block_size)
+    results, score_tokens = [], [data.windows[w, :T].tolist() for w in score_w]
+    for s, lat in enumerate(tqdm(latents.tolist(), desc="n2g score", unit="latent", leave=False)):
+        pred = np.concatenate([np.array(n2g_predict(tries[lat], toks)[data.first:]) > 0 for toks in score_tokens])
+        actual = (z.view(W, per, -1)[torch.from_numpy(score_w), :, s] > 0).reshape(-1).numpy()
+        if actual.any():
+            p, r, f1 = prf(pred, actual)
+            pats = sorted(n2g_patterns(tries[lat]), key=lambda x: -x[2])
+            results.append({"latent": lat, "precision": p, "recall": r, "f1": f1, "test_fires": int(actual.sum()),
+                            "patterns": [render_pattern(tok, t, a) for t, a, _ in pats[:8]]})
+    med = lambda key: float(np.median([x[key] for x in results])) if results else None
+    return {"latents": len(latents), "scored": len(results), "median_precision": med("precision"),
+            "median_recall": med("recall"), "median_f1": med("f1"), "build_tokens": int(build.sum()),
+            "test_tokens": len(score_w) * per, "pad": tok.decode([pad]),
+            "explanations": sorted(results, key=lambda x: -x["f1"])}
+
+
+# -----------------------------------------------------------------------------
+# 6. Ablation sparsity (paper §4.5)
+
+
+def logit_effect(delta):
+    """Logit changes (T, V) -> v (T * V): each position's median over the vocabulary subtracted
+    (a shift of every logit at a position changes no probability), concatenated."""
+    return (delta - delta.median(-1, keepdim=True).values).reshape(-1)
+
+
+def ablation_sparsity_score(v):
+    """paper §4.5: (||v||_1 / ||v||_2)^2 / len(v), len(v) = V * T: 1/(V T) for a one-hot effect,
+    1 when every entry has the same magnitude; lower is sparser."""
+    return ((v.abs().sum() / v.norm()) ** 2 / v.numel()).item()
+
+
+@torch.no_grad()
+def ablation_sparsity(model, sae, data, layer, n_samples, seed):
+    """paper §4.5. With the reconstruction spliced in at every evaluated position, for sampled
+    (position t, active latent i) pairs: subtract i's contribution z_i W_dec[i] (times the
+    token's normalization scale: the raw residual space) at t only, take the logit change at t
+    and the next T-1 = 15 positions, v = logit_effect, score ablation_sparsity_score(v).
+    Baseline: a random residual direction of the same norm subtracted instead."""
+    g = torch.Generator().manual_seed(seed)
+    W, Tc, d = data.h.shape
+    first, per = data.first, Tc - data.first
+    T = min(ABLATION_T, per)  # short contexts: every position from first on
+    vals, idx = data.code(own_k(sae))
+    spliced = torch.cat([data.h[:, :first], reconstruct(sae, data, own_k(sae))[1].view(W, per, d)], 1)
+    pos = torch.arange(len(vals)) % per + first
+    rows = ((pos <= Tc - T).to(vals.device) & (vals > 0).any(1)).nonzero()[:, 0].cpu()
+    rows = rows[torch.randperm(len(rows), generator=g)[:n_samples]]
+    batch = max(1, min(16, 2 ** 24 // (Tc * model.config.vocab_size)))  # logits (3 * batch, Tc, V)
+    scores = {"latent": [], "random": []}
+    for i in range(0, len(rows), batch):
+        r = rows[i:i + batch]
+        w, t = r // per, pos[r]
+        active = vals[r] > 0  # pick one active latent per row, uniformly
+        j = torch.multinomial(active.float().cpu(), 1, generator=g)[:, 0]
+        contrib = vals[r, j, None] * sae.W_dec[idx[r, j]] * data.scale[r]  # (B, d) raw space
+        rand = torch.randn(len(r), d, generator=g).to(contrib)
+        rand = rand / rand.norm(dim=1, keepdim=True) * contrib.norm(dim=1, keepdim=True)
+        base = spliced[w]
+        ar = torch.arange(len(r))
+        variants = [base]
+        for delta in (contrib, rand):
+            v = base.clone()
+            v[ar, t] -= delta
+            variants.append(v)
+        logits = model.logits_from_resid(torch.cat(variants), layer).view(3, len(r), Tc, -1)
+        for b in range(len(r)):
+            sl = slice(int(t[b]), int(t[b]) + T)
+            for name, k in (("latent", 1), ("random", 2)):
+                v = logit_effect(logits[k, b, sl] - logits[0, b, sl])
+                if v.norm() > 0:
+                    scores[name].append(ablation_sparsity_score(v))
+    mean = lambda key: float(np.mean(scores[key])) if scores[key] else None
+    return {"mean_latent": mean("latent"), "mean_random": mean("random"), "samples": len(scores["latent"]),
+            "T": T, "V": model.config.vocab_size}
+
+
+# -----------------------------------------------------------------------------
+# 7. Progressive recovery (paper §5.3)
+
+
+def progressive_recovery(model, sae, data, layer, k):
+    """paper §5.3: test-time TopK(k') for k' in {k/4, k/2, k, 2k, 4k} (within 1..n_latents):
+    FVU in the normalized space and delta CE with the reconstruction spliced in (§4.1). For a
+    ReLU SAE k is its mean L0 and TopK(k') keeps the k' largest of its code."""
+    ks = sorted({min(max(1, round(k * f)), sae.cfg.n_latents) for f in (0.25, 0.5, 1, 2, 4)})
+    recons = {kk: reconstruct(sae, data, kk) for kk in ks}
+    r = spliced_losses(model, data, layer, {kk: x_hat for kk, (_, x_hat) in recons.items()})
+    return {"k": k, "points": [{"k": kk, "fvu": fvu(data.x_n, recons[kk][0]).item(),
+                                "delta_ce": r[kk][0] - r["clean"], "kl": r[kk][1]} for kk in ks]}
+
+
+# -----------------------------------------------------------------------------
+# The report: a plain-text table, eval.json, PNGs
+
+
+def report(res, meta):
+    """The plain-text table, grouped by section."""
+    lines = [f"{meta['checkpoint']}  ({meta['weights']} weights)  n_latents {meta['n_latents']:,}  "
+             + (f"TopK k {meta['k']}" if meta["activation"] == "topk" else "ReLU"),
+             f"subject {meta['subject']}  layer {meta['layer']}  held-out: {meta['windows']} contexts of "
+             f"{meta['ctx_len']} tokens, {meta['tokens']:,} evaluated (position 0 "
+             f"{'included' if meta['first'] == 0 else 'excluded'})", ""]
+    row = lambda name, value: lines.append(f"    {name:<52}{value}")
+    f = lambda x, spec=".4f": "n/a" if x is None else format(x, spec)
+    if "reconstruction" in res:
+        r = res["reconstruction"]
+        lines.append("1. Reconstruction (§2.1)")
+        row("FVU, normalized space", f(r["fvu"]))
+        row("FVU, raw residual space", f(r["fvu_raw"]))
+        row("L0", f(r["l0"], ".2f"))
+    if "activity" in res:
+        r = res["activity"]
+        lines.append("2. Latent activity (§2.4)")
+        row(f"dead (no fire in {r['tokens']:,} tokens)", f(r["dead_frac"], ".2%"))
+        row("dense: firing on > 1% / > 10% of tokens", f"{f(r['dense_1pct_frac'], '.2%')} / {f(r['dense_10pct_frac'], '.2%')}")
+        row("median log10 firing rate (live latents)", f(r["median_log10_freq_live"], ".2f"))
+    if "downstream" in res:
+        r = res["downstream"]
+        lines.append("3. Downstream loss (§4.1), nats per token")
+        row("delta CE (spliced - clean)", f(r["delta_ce"], "+.4f"))
+        row("KL(clean || spliced)", f(r["kl"]))
+        row("CE clean / spliced", f"{f(r['ce_clean'])} / {f(r['ce_spliced'])}")
+        row("CE zero- / mean-ablation", f"{f(r['ce_zero_ablation'])} / {f(r['ce_mean_ablation'])}")
+        row("loss recovered vs zero- / mean-ablation", f"{f(r['loss_recovered_zero'])} / {f(r['loss_recovered_mean'])}")
+    if "probe" in res:
+        r = res["probe"]
+        lines.append(f"4. Probe loss (§4.2): test CE of the best 1-D probe, lower is better, chance {r['chance_ce']:.3f}")
+        row(f"mean over {len(r['tasks'])} tasks: latents / residual channels",
+            f"{f(r['mean_latent_ce'])} / {f(r['mean_channel_ce'])}")
+        lines.append(f"    {'task':<22}{'base rate':>10}{'latent':>8}{'CE':>8}{'channel':>9}{'CE':>8}")
+        for t in r["tasks"]:
+            lines.append(f"    {t['task']:<22}{t['base_rate']:>10.3f}{t['latent']:>8}{t['latent_ce']:>8.3f}"
+                         f"{t['channel']:>9}{t['channel_ce']:>8.3f}")
+        if r["skipped"]:
+            lines.append("    skipped (base rate outside 1-99%, or under 32 tokens per class): " +
+                         ", ".join(f"{t['task']} ({t['base_rate']:.2%})" for t in r["skipped"]))
+    if "n2g" in res:
+        r = res["n2g"]
+        lines.append(f"5. N2G explanations (§4.3): {r['scored']} of {r['latents']} sampled live latents scored "
+                     f"on {r['test_tokens']:,} tokens")
+        row("median precision / recall / F1",
+            f"{f(r['median_precision'], '.3f')} / {f(r['median_recall'], '.3f')} / {f(r['median_f1'], '.3f')}")
+        lines.append("    best explained (^ context start, * any token, ␣ space, ⏎ newline):")
+        for e in r["explanations"][:5]:
+            lines.append(f"      latent {e['latent']:>6}  F1 {e['f1']:.2f} (P {e['precision']:.2f} R {e['recall']:.2f})  "
+                         + "  ".join(e["patterns"][:4]))
+    if "ablation" in res:
+        r = res["ablation"]
+        lines.append(f"6. Ablation sparsity (§4.5): (|v|_1/|v|_2)^2 / (V T), T = {r['T']}, lower is sparser")
+        row(f"latents / random directions ({r['samples']} samples)", f"{f(r['mean_latent'])} / {f(r['mean_random'])}")
+    if "progressive" in res:
+        r = res["progressive"]
+        lines.append(f"7. Progressive recovery (§5.3): test-time TopK(k'), trained k = {r['k']}")
+        lines.append(f"    {'k':>6}{'FVU':>10}{'delta CE':>12}")
+        for p in r["points"]:
+            lines.append(f"    {p['k']:>6}{p['fvu']:>10.4f}{p['delta_ce']:>+12.4f}")
+    return "\n".join(lines)
+
+
+def plot(res, prefix):
+    """The firing-rate histogram and the progressive-recovery curve as PNGs; -> paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    if "activity" in res and res["activity"]["log10_freq_hist"]["counts"]:
+        h = res["activity"]["log10_freq_hist"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.stairs(h["counts"], h["edges"], fill=True)
+        ax.set(xlabel="log10 firing rate", ylabel="latents",
+               title=f"firing rates of live latents (dead: {res['activity']['dead_frac']:.1%})")
+        paths.append(prefix + "_firing_rates.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if "progressive" in res:
+        pts = res["progressive"]["points"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, label in zip(axes, ("fvu", "delta_ce"), ("FVU (normalized MSE)", "delta CE (nats)")):
+            ax.plot([p["k"] for p in pts], [p[key] for p in pts], "o-")
+            ax.axvline(res["progressive"]["k"], color="gray", ls=":")
+            ax.set(xscale="log", xlabel="test-time k'", ylabel=label)
+        fig.suptitle("progressive recovery (trained k dotted)")
+        paths.append(prefix + "_progressive.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return paths
+
+
+def json_ready(x):
+    """NaN/inf -> None, numpy scalars -> Python, so the JSON is strict."""
+    if isinstance(x, dict):
+        return {str(k): json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(SECTIONS):
+        raise UserError(f"--skip {args.skip}: unknown section(s) {', '.join(sorted(skip - set(SECTIONS)))}; "
+                        f"choose from {','.join(SECTIONS)}")
+    for name in ("tokens", "probe_tokens", "n2g_latents", "n2g_examples", "ablation_samples"):
+        if getattr(args, name) < (0 if name == "ablation_samples" else 1):
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    torch.manual_seed(args.seed)
+    sae, model, tok, subject, val_ids = load(args.path, args.raw, args.device)
+    layer, k = subject["layer"], own_k(sae)
+    t0 = time.time()
+    with torch.no_grad():
+        data = heldout(model, sae, val_ids, layer, subject["ctx_len"], subject["include_first"], args.tokens,
+                       4 * (k or 1))
+        # a ReLU SAE's progressive recovery is centered on its mean L0
+        k_ref = k or max(1, round(reconstruction(sae, data)["l0"]))
+        run = {
+            "reconstruction": lambda: reconstruction(sae, data),
+            "activity": lambda: latent_activity(sae, data),
+            "downstream": lambda: downstream_loss(model, sae, data, layer),
+            "probe": lambda: probe_loss(sae, data, probe_labels(tok, val_ids), args.probe_tokens, args.seed),
+            "n2g": lambda: n2g(model, sae, data, layer, tok, args.n2g_latents, args.n2g_examples, args.seed),
+            "ablation": lambda: ablation_sparsity(model, sae, data, layer, args.ablation_samples or
+                                                  (256 if model.config.vocab_size <= 1000 else 32), args.seed),
+            "progressive": lambda: progressive_recovery(model, sae, data, layer, k_ref),
+        }
+        res, seconds = {}, {"heldout_pass": round(time.time() - t0, 2)}
+        for name in SECTIONS:
+            if name not in skip:
+                t = time.time()
+                res[name] = run[name]()
+                seconds[name] = round(time.time() - t, 2)
+    meta = {"checkpoint": args.path, "weights": "raw" if args.raw else "EMA", "n_latents": sae.cfg.n_latents,
+            "k": sae.cfg.k, "activation": sae.cfg.activation, "subject": subject["model"], "layer": layer,
+            "ctx_len": subject["ctx_len"], "windows": len(data.windows), "tokens": len(data.x), "first": data.first}
+    print(report(res, meta))
+    prefix = os.path.join(os.path.dirname(os.path.abspath(args.path)), "eval_raw" if args.raw else "eval")
+    pngs = plot(res, prefix)
+    out = {"meta": meta, "flags": {f: v for f, v in vars(args).items() if f != "debug"}, "subject": subject,
+           "sae_config": vars(sae.cfg), "results": res, "seconds": seconds, "plots": pngs}
+    with open(prefix + ".json", "w") as fh:
+        json.dump(json_ready(out), fh, indent=1, allow_nan=False)
+    print(f"wrote {prefix}.json" + "".join(f", {p}" for p in pngs) + f" ({time.time() - t0:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    gpt.run_cli(main)
