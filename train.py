@@ -59,7 +59,7 @@ class TrainConfig:
     device: str = ""
     dtype: str = ""
     log_every: int = 20
-    ckpt_every: int = 0             # tokens between checkpoints; 0: only at the end
+    ckpt_every: int = 0             # tokens between checkpoints; 0: a tenth of the run
     eval_tokens: int = 1 << 16
     skip_nonfinite: bool = False
 
@@ -71,6 +71,8 @@ class TrainConfig:
             # The paper's 10M tokens, capped at a tenth of the run: a short run would otherwise
             # never call anything dead, and AuxK would never start.
             self.dead_tokens = min(10_000_000, max(self.batch_size, self.tokens // 10))
+        if not self.ckpt_every:
+            self.ckpt_every = max(self.batch_size, self.tokens // 10)
         if not self.device:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if not self.dtype:
@@ -294,11 +296,11 @@ def make_sae(c, d_model):
         raise UserError(f"bad SAE setting: {e}") from None
 
 
-def checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, metrics):
+def checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, metrics):
     return {"sae_config": asdict(sae.cfg), "sae": sae.state_dict(), "ema": ema.shadow, "ema_steps": ema.steps,
             "train_config": asdict(c), "subject": subject,
             "step": step, "tokens_seen": step * c.batch_size, "optimizer": opt.state_dict(),
-            "tokens_since_fired": tokens_since_fired, "metrics": metrics}
+            "tokens_since_fired": tokens_since_fired, "skipped": skipped, "metrics": metrics}
 
 
 def train(c, resume=False):
@@ -316,7 +318,7 @@ def train(c, resume=False):
                            fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
     tokens_since_fired = torch.zeros(c.n_latents, dtype=torch.long, device=c.device)
     total_steps = math.ceil(c.tokens / c.batch_size)
-    step = 0
+    step = skipped = 0
     if resume:
         ck = gpt.load_checkpoint(ckpt_path)
         if ck["subject"]["sha256"] != subject["sha256"]:
@@ -324,8 +326,8 @@ def train(c, resume=False):
         sae.load_state_dict(ck["sae"])
         opt.load_state_dict(ck["optimizer"])
         tokens_since_fired = ck["tokens_since_fired"].to(c.device)
-        step = ck["step"]
-        print(f"resuming {ckpt_path} at step {step} ({step * c.batch_size:,} tokens)")
+        step, skipped = ck["step"], ck["skipped"]
+        print(f"resuming {ckpt_path} at step {step} ({step * c.batch_size:,} tokens) with the run's saved settings")
     else:
         # paper §2.4 / [code]: b_pre starts at the geometric median of a sample of inputs
         sae.init_b_pre(stream.sample(32768).to(c.device))  # [code]: 32,768 samples
@@ -339,16 +341,19 @@ def train(c, resume=False):
     t0 = time.time()
     bar = tqdm(total=total_steps * c.batch_size, initial=step * c.batch_size, unit="tok", unit_scale=True,
                desc=c.run, dynamic_ncols=True)
-    skipped, last_ckpt_tokens = 0, step * c.batch_size
+    start_step, last_ckpt_tokens = step, step * c.batch_size
     while step < total_steps:
         x = stream.batch(step).to(c.device, non_blocking=True)
         dead = tokens_since_fired >= c.dead_tokens
-        with torch.autocast(**autocast):
-            out = sae(x, dead_mask=dead if c.auxk else None)
-        if not torch.isfinite(out.loss):
+        out = None
+        if torch.isfinite(x).all():
+            with torch.autocast(**autocast):
+                out = sae(x, dead_mask=dead if c.auxk else None)
+        if out is None or not torch.isfinite(out.loss):
             if not c.skip_nonfinite:
-                raise UserError(f"non-finite loss at step {step} (tokens {step * c.batch_size:,}); the last good "
-                                f"checkpoint is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
+                what = "activations" if out is None else "loss"
+                raise UserError(f"non-finite {what} at step {step} (tokens {step * c.batch_size:,}); the last "
+                                f"checkpoint ({ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
             skipped += 1
             step += 1
             continue
@@ -374,7 +379,8 @@ def train(c, resume=False):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if c.ckpt_every and step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and step < total_steps:
-            gpt.save_checkpoint(checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, {}), ckpt_path)
+            gpt.save_checkpoint(checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, {}),
+                                ckpt_path)
             last_ckpt_tokens = step * c.batch_size
     bar.close()
     train_s = time.time() - t0
@@ -384,9 +390,9 @@ def train(c, resume=False):
     windows = heldout_windows(val_ids, c.ctx_len, c.eval_tokens, c.include_first)
     metrics = heldout_summary(eval_sae, model, windows, c.layer, c.include_first, c.device)
     metrics.update(dead_frac=(tokens_since_fired >= c.dead_tokens).float().mean().item(),
-                   train_seconds=round(train_s, 1), tokens_per_s=round((total_steps * c.batch_size) / max(train_s, 1e-9)),
-                   skipped=skipped)
-    ck = checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, metrics)
+                   train_seconds=round(train_s, 1),
+                   tokens_per_s=round((total_steps - start_step) * c.batch_size / max(train_s, 1e-9)), skipped=skipped)
+    ck = checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, metrics)
     gpt.save_checkpoint(ck, ckpt_path)
     print(f"held-out ({metrics['eval_tokens']:,} tokens, EMA weights): FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.1f}  "
           f"delta CE {metrics['delta_ce']:+.4f} nats ({metrics['ce_clean']:.4f} -> {metrics['ce_sae']:.4f})  "
@@ -439,7 +445,7 @@ HELP = {
     "device": "torch device; default cuda when available, else cpu",
     "dtype": "autocast dtype for the subject model and the encoder matmul; default bfloat16 on cuda, float32 on cpu",
     "log_every": "steps between log.jsonl records and progress-bar metrics",
-    "ckpt_every": "tokens between checkpoints (atomic, for --resume); 0 writes only at the end",
+    "ckpt_every": "tokens between checkpoints (written atomically, for --resume); 0 means a tenth of the run",
     "eval_tokens": "held-out tokens for the final summary",
     "skip_nonfinite": "skip batches whose loss is NaN/inf (counted in the log) instead of stopping",
 }
