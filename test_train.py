@@ -164,15 +164,17 @@ def test_resume_after_sigkill_is_bitwise_exact(tiny_gpt_ckpt, tmp_path):
         return subprocess.run(base + ["--run", run_name, *extra], env=env, capture_output=True, text=True,
                               timeout=300, cwd=tmp_path)
 
-    assert run("whole", "none:0").returncode == 0
+    def check(r, rc):
+        assert r.returncode == rc, r.stderr[-2000:]
+
+    check(run("whole", "none:0"), 0)
     ckpt = tmp_path / "crashy" / "ckpt.pt"
-    assert run("crashy", "step:7").returncode == -9            # after the checkpoint at step 4
+    check(run("crashy", "step:7"), -9)                 # after the checkpoint at step 4
     assert torch.load(ckpt, weights_only=True)["step"] == 4
-    assert run("crashy", "write:2", "--resume").returncode == -9  # wrote step 8, dies writing step 12
-    assert torch.load(ckpt, weights_only=True)["step"] == 8     # the previous checkpoint is intact
-    assert run("crashy", "step:9", "--resume").returncode == -9
-    r = run("crashy", "none:0", "--resume")
-    assert r.returncode == 0, r.stderr
+    check(run("crashy", "write:2", "--resume"), -9)    # wrote step 8, dies writing step 12
+    assert torch.load(ckpt, weights_only=True)["step"] == 8  # the previous checkpoint is intact
+    check(run("crashy", "step:9", "--resume"), -9)
+    check(run("crashy", "none:0", "--resume"), 0)
     assert_same_state(final_state(tmp_path / "whole" / "ckpt.pt"), final_state(ckpt))
 
 

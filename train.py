@@ -452,15 +452,16 @@ HELP = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a TopK sparse autoencoder on a GPT's residual stream.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train a TopK sparse autoencoder on a GPT's residual stream.")
     for f in fields(TrainConfig):
         if f.name == "auxk":
             p.add_argument("--no_auxk", dest="auxk", action="store_false", help="turn off the AuxK loss (ablation)")
         elif f.type is bool:
             p.add_argument(f"--{f.name}", action="store_true", help=HELP[f.name])
         else:
-            p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default, help=HELP[f.name])
+            shown = f" (default: {f.default})" if f.default not in ("", 0, -1) else ""
+            p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default,
+                           choices=["topk", "relu"] if f.name == "activation" else None, help=HELP[f.name] + shown)
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/RUN/ckpt.pt where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
