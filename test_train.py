@@ -82,11 +82,17 @@ def run_train(*args, cwd):
     (["--model", "gpt7"], "unknown model"),
     (["--data", "nope.txt"], "no such text file"),
     (["--ctx_len", "999"], "--ctx_len 999 is longer"),
+    (["--k", "0"], "--k 0 is out of range"),
+    (["--n_latents", "0"], "--n_latents must be positive"),
+    (["--data", "empty.txt"], "empty.txt: the file is empty"),
+    (["--data", "latin1.txt"], "latin1.txt: not UTF-8"),
     (["--run", "exists"], "already exists"),
     (["--resume", "--run", "fresh"], "does not exist"),
 ])
 def test_cli_bad_input(tiny_gpt_ckpt, tmp_path, args, message):
     (tmp_path / "out" / "exists").mkdir(parents=True)
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
     base = ["--model", tiny_gpt_ckpt, "--n_latents", "64", "--k", "4", "--ctx_len", "32", "--tokens", "1000"]
     r = run_train(*base, *args, cwd=tmp_path)
     assert r.returncode == 2, r.stderr

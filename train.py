@@ -476,6 +476,7 @@ def _int(s):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     c = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    check_config(c)
     run_dir = os.path.join(c.out_dir, c.resolve().run)
     if args.resume:
         # the run continues with the configuration it was started with
