@@ -93,7 +93,7 @@ def check_config(c):
         raise UserError(f"--activation {c.activation!r}: use topk or relu")
     if c.ctx_len < 2 and not c.include_first:
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
-    if c.dtype not in ("float32", "bfloat16", "float16"):
+    if c.dtype not in ("", "float32", "bfloat16", "float16"):  # "": the device's default
         raise UserError(f"--dtype {c.dtype!r}: use float32, bfloat16 or float16")
 
 
