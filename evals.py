@@ -4,6 +4,8 @@ evals.py: the paper's evaluations of a trained SAE, on held-out text only.
     python evals.py out/topk_n32768_k32/ckpt.pt                  # every section
     python evals.py out/topk_n32768_k32/ckpt.pt --skip probe,n2g  # leave some out
     python evals.py out/topk_n32768_k32/ckpt.pt --raw            # the raw weights, not their EMA
+    python evals.py out/topk_n32768_k32/ckpt.pt --export DIR     # to EleutherAI sparsify's layout
+    python evals.py DIR --model gpt2 --layer 8                   # an SAE in that layout, from any trainer
 
 Loads the SAE and the subject model its checkpoint names (checked against the recorded
 sha256), reads the held-out split of the text it was trained on (gpt.split_text) and prints
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 import gpt
 import train
 from gpt import UserError
-from sae import fvu
+from sae import SAE, SAEConfig, fvu
 
 SECTIONS = ("reconstruction", "activity", "downstream", "probe", "n2g", "ablation", "progressive")
 ABLATION_T = 16  # paper §4.5: the ablated position and the next 15, 16 positions in all
@@ -45,7 +47,12 @@ ABLATION_T = 16  # paper §4.5: the ablated position and the next 15, 16 positio
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a train.py SAE checkpoint on held-out text (the paper's metrics).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("path", help="SAE checkpoint written by train.py, e.g. out/topk_n32768_k32/ckpt.pt")
+    p.add_argument("path", help="SAE checkpoint written by train.py, e.g. out/topk_n32768_k32/ckpt.pt, or a directory "
+                                "in sparsify's layout (see --export, --model); with --scaling, "
+                                "a sweep directory, e.g. out/sweep_default")
+    p.add_argument("--scaling", action="store_true",
+                   help="fit the scaling laws of a sweep (python train.py --sweep NAME): tables, scaling_*.png, "
+                        "scaling.txt and scaling.json in PATH; evaluates some of its checkpoints (eval.json beside each)")
     p.add_argument("--tokens", type=int, default=32768,
                    help="held-out tokens for sections 1-3 and 7 (evenly spaced contexts of the SAE's ctx_len); "
                         "the probe, N2G and ablation samples are drawn from these contexts")
@@ -61,6 +68,17 @@ def build_parser():
     p.add_argument("--raw", action="store_true", help="evaluate the raw final weights instead of their EMA")
     p.add_argument("--seed", type=int, default=0, help="random seed of every sample")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--export", metavar="DIR", default="",
+                   help="write the SAE (EMA weights, or --raw) in EleutherAI sparsify's layout, DIR/sae.safetensors "
+                        "and DIR/cfg.json, and stop; inputs must then be normalized per token (cfg.json says how)")
+    p.add_argument("--model", default="", help="for an SAE directory in sparsify's layout (PATH): its subject model, "
+                   "gpt2, gpt2-medium, ... or a gpt.py checkpoint; default: the one cfg.json's nanosae block names")
+    p.add_argument("--layer", type=int, default=None, help="for an SAE directory: the residual stream it reads, after "
+                   "this block (0-based); default: the nanosae block's")
+    p.add_argument("--ctx_len", type=int, default=None,
+                   help="for an SAE directory: tokens per held-out context; default: the nanosae block's, else 64")
+    p.add_argument("--data", default="", help="for an SAE directory: the text whose last ~10%% is held out; "
+                   "default: the nanosae block's, else the bundled corpus")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return p
 
@@ -69,17 +87,22 @@ def build_parser():
 # Loading: the SAE, its subject model (hash-checked) and the held-out sample
 
 
-def load(path, raw=False, device="cpu"):
-    """-> (sae, model, tokenizer, subject dict, held-out token ids), all on `device`."""
-    sae, ck = train.load_sae(path, ema=not raw)
-    subject = ck.get("subject")
+def load(path, raw=False, device="cpu", import_flags=None):
+    """-> (sae, model, tokenizer, subject dict, held-out token ids), all on `device`. path: a
+    train.py checkpoint, or a directory in sparsify's layout (import_sparsify, given
+    import_flags: its model, layer, ctx_len, data)."""
+    if os.path.isdir(path):
+        sae, subject = import_sparsify(path, **(import_flags or {}))
+    else:
+        sae, ck = train.load_sae(path, ema=not raw)
+        subject = ck.get("subject")
     if not subject:
         raise UserError(f"{path}: no subject model recorded in the checkpoint; train it with python train.py")
     weights, data = subject["path"], subject["data"]
     fix = f"restore it, or retrain the SAE: python train.py --model {subject['model']}"
-    if not os.path.isfile(weights):
+    if subject["sha256"] and not os.path.isfile(weights):  # no sha256: an import's --model, nothing to check
         raise UserError(f"{path}: its subject model {weights} is missing; {fix}")
-    if gpt.file_sha256(weights) != subject["sha256"]:
+    if subject["sha256"] and gpt.file_sha256(weights) != subject["sha256"]:
         raise UserError(f"{path}: subject model {weights} is not the one the SAE was trained on "
                         f"(sha256 differs from {subject['sha256'][:12]}...); {fix}")
     if not os.path.isfile(data):
@@ -88,6 +111,8 @@ def load(path, raw=False, device="cpu"):
     model, tok, _ = gpt.load_subject_model(subject["model"] if pretrained else weights, weights if pretrained else None)
     if model.config.n_embd != sae.cfg.d_model:
         raise UserError(f"{path}: SAE d_model {sae.cfg.d_model} != subject model width {model.config.n_embd}")
+    if subject["ctx_len"] > model.config.block_size:
+        raise UserError(f"--ctx_len {subject['ctx_len']} is longer than the model's block_size {model.config.block_size}")
     val_ids = gpt.encode_text(gpt.split_text(gpt.load_text(data))[1], tok)
     return sae.to(device), model.to(device), tok, subject, val_ids
 
@@ -160,6 +185,120 @@ def reconstruct(sae, data, k=None):
     the raw residual space, each (N, d)."""
     x_hat_n = sae.decode_sparse(*data.code(k))
     return x_hat_n, sae.denormalize(x_hat_n, data.mu, data.scale)
+
+
+# -----------------------------------------------------------------------------
+# Interchange: EleutherAI sparsify's on-disk layout
+#
+#     python evals.py out/RUN/ckpt.pt --export DIR     # DIR/sae.safetensors + DIR/cfg.json
+#     python evals.py DIR --model gpt2 --layer 8       # evaluate an SAE in that layout here
+#
+# sparsify's SAE: top_acts, top_indices = TopK(ReLU(encoder(x - b_dec))), x_hat = sum_j
+# top_acts_j W_dec[top_indices_j] + b_dec, with encoder.weight and W_dec (num_latents, d_in).
+# Ours is the same map of the normalized input x_n, with encoder.weight = W_enc, encoder.bias
+# = b_enc, W_dec = W_dec, b_dec = b_pre; ReLU then TopK keeps the same values as our TopK then
+# ReLU, and lists different (zero-valued) latents only when fewer than k pre-activations are
+# positive. What the layout cannot hold is the input normalization (paper §2.1), x_n =
+# (x - mean(x)) / |x - mean(x)| per token: the mean removal is linear, but the division by
+# each token's own norm is not, so no weights or biases can apply it. The export is exact on
+# normalized inputs: a user normalizes x first and maps sparsify's output back with
+# x_hat = sae_out * |x - mean(x)| + mean(x), as cfg.json's "nanosae" block (which sparsify
+# ignores) spells out. That block also names the subject model; an import with it normalizes
+# as we do, one without it (another trainer's SAE) reads the raw residuals, as sparsify does.
+
+SPARSIFY_FILES = ("sae.safetensors", "cfg.json")
+NORMALIZATION = "per-token mean removal and unit norm"
+
+
+def export_sparsify(path, out_dir, raw=False):
+    """A train.py checkpoint -> out_dir/sae.safetensors and out_dir/cfg.json in sparsify's
+    layout, the EMA weights unless raw. -> the cfg dict written."""
+    from safetensors.torch import save_file
+    sae, ck = train.load_sae(path, ema=not raw)
+    if sae.cfg.activation != "topk":
+        raise UserError(f"{path}: a ReLU SAE has no sparsify equivalent (sparsify's SAEs are TopK); export a TopK one")
+    subject = ck.get("subject") or {}
+    cfg = {"d_in": sae.cfg.d_model, "num_latents": sae.cfg.n_latents, "k": sae.cfg.k,
+           "expansion_factor": max(1, sae.cfg.n_latents // sae.cfg.d_model),  # an int there; num_latents rules
+           "normalize_decoder": True, "multi_topk": sae.cfg.multi_topk, "activation": "topk",
+           "nanosae": {"normalization": NORMALIZATION if sae.cfg.normalize else "none",
+                       "input": "mu = x.mean(-1, keepdim=True); s = (x - mu).norm(dim=-1, keepdim=True); x_n = (x - mu) / s",
+                       "output": "x_hat = sae_out * s + mu",
+                       "checkpoint": os.path.abspath(path), "weights": "raw" if raw else "EMA",
+                       "subject": {key: subject.get(key) for key in
+                                   ("model", "path", "sha256", "layer", "ctx_len", "include_first", "data")}}}
+    if not sae.cfg.normalize:
+        del cfg["nanosae"]["input"], cfg["nanosae"]["output"]
+    os.makedirs(out_dir, exist_ok=True)
+    weights = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_pre}
+    save_file({key: w.detach().float().contiguous() for key, w in weights.items()},
+              os.path.join(out_dir, SPARSIFY_FILES[0]))
+    with open(os.path.join(out_dir, SPARSIFY_FILES[1]), "w") as f:
+        json.dump(cfg, f, indent=1)
+    print(f"wrote {out_dir}/{SPARSIFY_FILES[0]} and {SPARSIFY_FILES[1]} in sparsify's layout"
+          + (": normalize inputs per token first, see cfg.json's nanosae block" if sae.cfg.normalize else ""))
+    return cfg
+
+
+def import_sparsify(path, model="", layer=None, ctx_len=None, data=""):
+    """A directory in sparsify's layout -> (SAE, subject dict as train.py records it). The
+    subject model and site come from the flags, else from cfg.json's nanosae block (our
+    exports); another trainer's SAE needs --model and --layer."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    weights_path, cfg_path = (os.path.join(path, f) for f in SPARSIFY_FILES)
+    if not (os.path.isfile(weights_path) and os.path.isfile(cfg_path)):
+        raise UserError(f"{path}: an SAE directory needs {' and '.join(SPARSIFY_FILES)} "
+                        f"(sparsify's layout, as --export writes)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        w = load_file(weights_path)
+    except (ValueError, SafetensorError) as e:
+        raise UserError(f"{path}: unreadable {SPARSIFY_FILES[1]} or {SPARSIFY_FILES[0]} ({str(e)[:120]})") from None
+    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
+        raise UserError(f"{cfg_path}: only plain TopK SAEs can be read (activation topk, no transcoder or skip connection)")
+    ours = cfg.get("nanosae") or {}
+    try:
+        d = cfg["d_in"]
+        n = cfg.get("num_latents") or d * cfg.get("expansion_factor", 32)  # sparsify's default factor
+        sae = SAE(SAEConfig(d_model=d, n_latents=n, k=cfg["k"], multi_topk=cfg.get("multi_topk", False),
+                            normalize=ours.get("normalization") == NORMALIZATION))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_path}: not a sparsify SAE config ({type(e).__name__}: {e})") from None
+    shapes = {"encoder.weight": (n, d), "encoder.bias": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    bad = [f"{key} {tuple(w[key].shape) if key in w else 'missing'}" for key in shapes
+           if key not in w or tuple(w[key].shape) != shapes[key]]
+    if bad:
+        raise UserError(f"{weights_path}: expected " + ", ".join(f"{key} {s}" for key, s in shapes.items()) +
+                        f" for d_in {d}, num_latents {n}; got " + ", ".join(bad))
+    with torch.no_grad():
+        for name, key in (("W_enc", "encoder.weight"), ("b_enc", "encoder.bias"), ("W_dec", "W_dec"), ("b_pre", "b_dec")):
+            getattr(sae, name).copy_(w[key].float())
+    subject = dict(ours.get("subject") or {})
+    if model:  # another subject model than the recorded one: no hash to check it against
+        subject.update(model=model, path=None if model in gpt.GPT.PRETRAINED else model, sha256=None)
+    subject.update({key: v for key, v in (("layer", layer), ("ctx_len", ctx_len), ("data", data)) if v not in (None, "")})
+    if not subject.get("model") or subject.get("layer") is None:
+        raise UserError(f"{path}: no subject model recorded (an SAE from another trainer): pass --model "
+                        f"(gpt2, gpt2-medium, ... or a gpt.py checkpoint) and --layer")
+    subject.setdefault("ctx_len", 64)  # the paper's
+    subject.setdefault("include_first", False)
+    subject["data"] = os.path.abspath(subject.get("data") or gpt.CORPUS)
+    return sae.eval(), subject
+
+
+def import_flags(args):
+    """evals.py's --model, --layer, --ctx_len, --data, which only an SAE directory takes."""
+    flags = {f: getattr(args, f) for f in ("model", "layer", "ctx_len", "data")}
+    given = [f"--{f}" for f, v in flags.items() if v not in (None, "")]
+    if os.path.isdir(args.path):
+        if args.raw:
+            raise UserError(f"--raw: {args.path} holds one set of weights (no EMA); leave --raw out")
+    elif given:
+        raise UserError(f"{', '.join(given)}: only for an SAE directory in sparsify's layout; {args.path} is a "
+                        f"train.py checkpoint, which records its subject model")
+    return flags
 
 
 # -----------------------------------------------------------------------------
@@ -770,6 +909,8 @@ def json_ready(x):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.scaling:
+        return scaling(args.path, args.device)
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(SECTIONS):
         raise UserError(f"--skip {args.skip}: unknown section(s) {', '.join(sorted(skip - set(SECTIONS)))}; "
@@ -777,8 +918,10 @@ def main(argv=None):
     for name in ("tokens", "probe_tokens", "n2g_latents", "n2g_examples", "ablation_samples"):
         if getattr(args, name) < (0 if name == "ablation_samples" else 1):
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.export:
+        return export_sparsify(args.path, args.export, args.raw)
     torch.manual_seed(args.seed)
-    sae, model, tok, subject, val_ids = load(args.path, args.raw, args.device)
+    sae, model, tok, subject, val_ids = load(args.path, args.raw, args.device, import_flags(args))
     layer, k = subject["layer"], own_k(sae)
     t0 = time.time()
     with torch.no_grad():
@@ -802,17 +945,488 @@ def main(argv=None):
                 t = time.time()
                 res[name] = run[name]()
                 seconds[name] = round(time.time() - t, 2)
-    meta = {"checkpoint": args.path, "weights": "raw" if args.raw else "EMA", "n_latents": sae.cfg.n_latents,
+    imported = os.path.isdir(args.path)
+    meta = {"checkpoint": args.path, "weights": "imported" if imported else "raw" if args.raw else "EMA",
+            "n_latents": sae.cfg.n_latents,
             "k": sae.cfg.k, "activation": sae.cfg.activation, "subject": subject["model"], "layer": layer,
             "ctx_len": subject["ctx_len"], "windows": len(data.windows), "tokens": len(data.x), "first": data.first}
     print(report(res, meta))
-    prefix = os.path.join(os.path.dirname(os.path.abspath(args.path)), "eval_raw" if args.raw else "eval")
+    prefix = os.path.join(os.path.abspath(args.path) if imported else os.path.dirname(os.path.abspath(args.path)),
+                          "eval_raw" if args.raw else "eval")
     pngs = plot(res, prefix)
     out = {"meta": meta, "flags": {f: v for f, v in vars(args).items() if f != "debug"}, "subject": subject,
            "sae_config": vars(sae.cfg), "results": res, "seconds": seconds, "plots": pngs}
     with open(prefix + ".json", "w") as fh:
         json.dump(json_ready(out), fh, indent=1, allow_nan=False)
     print(f"wrote {prefix}.json" + "".join(f", {p}" for p in pngs) + f" ({time.time() - t0:.0f} s)")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Scaling laws over a sweep (paper §3, §5): python evals.py --scaling out/sweep_default
+#
+# Reads the runs of `python train.py --sweep NAME` (sweep.json: the grid; each run's ckpt.pt:
+# train.py's held-out summary, FVU in the normalized space, L0, delta CE, dead fraction; its
+# log.jsonl: the training curve), evaluates a few checkpoints with the sections above (cached
+# in their eval.json), fits the laws below by least squares, and writes a PNG per fit,
+# scaling.txt (the tables, as printed) and scaling.json next to sweep.json.
+
+# paper §3.1.2, GPT-4, k in 32..512 ([peers], consistent with recall): the joint law's coefficients
+PAPER_JOINT = {"alpha": -0.50, "beta_k": 0.26, "beta_n": -0.017, "gamma": -0.042, "zeta": -1.32, "eta": -0.085}
+JOINT_NAMES = tuple(PAPER_JOINT)
+CONVERGED_EPS = 0.02  # converged: the smoothed training FVU within 2% of its final value (batch noise ~1%)
+
+
+def least_squares(residuals, p0, iters=500):
+    """Levenberg-Marquardt: the p minimizing sum(residuals(p)^2), from p0, in float64 with the
+    Jacobian from autograd. The damping falls after a step that lowers the cost and rises after
+    one that does not. -> (p as a numpy array, cost)."""
+    p = torch.as_tensor(np.asarray(p0, dtype=np.float64))
+    r = residuals(p)
+    cost, lam = float(r @ r), 1e-3
+    for _ in range(iters):
+        J = torch.autograd.functional.jacobian(residuals, p)
+        A, g = J.T @ J, J.T @ r
+        step = torch.linalg.lstsq(A + lam * torch.diag(A.diagonal().clamp_min(1e-12)), -g[:, None]).solution[:, 0]
+        r_new = residuals(p + step)
+        new = float(r_new @ r_new)
+        if math.isfinite(new) and new < cost:
+            done = cost - new <= 1e-13 * cost
+            p, r, cost, lam = p + step, r_new, new, max(lam / 3, 1e-12)
+            if done:
+                break
+        else:
+            lam *= 4
+            if lam > 1e10:
+                break
+    return p.numpy(), cost
+
+
+def power_law(x, fit):
+    """c + a x^-b for a fit_power_law result."""
+    return fit["c"] + fit["a"] * np.asarray(x, dtype=np.float64) ** -fit["b"]
+
+
+def fit_power_law(x, y):
+    """paper §3.1: y = c + a x^-b, with a, c >= 0 (log-parameterized; c is the irreducible
+    loss) and b free, least squares on log y: relative errors, so points orders of magnitude
+    apart weigh alike. x is divided by its geometric mean inside (conditioning); the best of a
+    few starts is kept. -> {a, b, c, rmse_log}."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x0 = math.exp(np.log(x).mean())
+    xs, ly = torch.from_numpy(x / x0), torch.from_numpy(np.log(y))
+    res = lambda p: torch.log(p[0].exp() + p[1].exp() * xs ** -p[2]) - ly
+    best = None
+    for b0 in (0.1, 0.3, 1.0):
+        for c_frac in (1e-3, 0.5, 0.9):
+            c0 = c_frac * y.min()
+            a0 = math.exp(np.mean(np.log(np.maximum(y - c0, 1e-3 * y.min())) + b0 * np.log(x / x0)))
+            p, cost = least_squares(res, [math.log(c0), math.log(a0), b0])
+            if best is None or cost < best[1]:
+                best = p, cost
+    (lc, la, b), cost = best
+    return {"a": math.exp(la) * x0 ** b, "b": float(b), "c": math.exp(lc), "rmse_log": math.sqrt(cost / len(x))}
+
+
+def fit_power(x, y):
+    """y = a x^e, a straight line in log-log (no offset). -> {a, e}."""
+    e, la = np.polyfit(np.log(x), np.log(y), 1)
+    return {"a": float(math.exp(la)), "e": float(e)}
+
+
+def joint_law(n, k, p):
+    """paper §3.1.2: L(n, k) = exp(alpha + beta_k log k + beta_n log n + gamma log k log n)
+    + exp(zeta + eta log k); p in JOINT_NAMES order; numpy or torch."""
+    lib = torch if isinstance(p, torch.Tensor) else np
+    lk, ln = lib.log(k), lib.log(n)
+    return lib.exp(p[0] + p[1] * lk + p[2] * ln + p[3] * lk * ln) + lib.exp(p[4] + p[5] * lk)
+
+
+def fit_joint_law(n, k, L):
+    """Least squares on log L of joint_law. Starts: for an irreducible part c = f * min(L), the
+    first term's four coefficients by linear regression of log(L - c), zeta = log c, eta = 0;
+    the best final fit is kept. -> {name: value, ..., rmse_log}."""
+    n, k, L = (np.asarray(v, dtype=np.float64) for v in (n, k, L))
+    nt, kt, lL = torch.from_numpy(n), torch.from_numpy(k), torch.from_numpy(np.log(L))
+    res = lambda p: torch.log(joint_law(nt, kt, p)) - lL
+    X = np.stack([np.ones_like(n), np.log(k), np.log(n), np.log(k) * np.log(n)], 1)
+    best = None
+    for f in (1e-3, 0.3, 0.6, 0.9):
+        c = f * L.min()
+        first = np.linalg.lstsq(X, np.log(L - c), rcond=None)[0]
+        p, cost = least_squares(res, [*first, math.log(c), 0.0])
+        if best is None or cost < best[1]:
+            best = p, cost
+    return {**dict(zip(JOINT_NAMES, map(float, best[0]))), "rmse_log": math.sqrt(best[1] / len(L))}
+
+
+def flops_per_token(n, d, k):
+    """Training FLOPs per token of this project's TopK SAE (sae.py's sparse path): the dense
+    encoder matmul, 2 n d, plus 8 k d for the sparse rest (decoder forward 2 k d, decoder weight
+    and code gradients 4 k d, encoder weight gradient 2 k d); k -> 4k for Multi-TopK. Left out:
+    AuxK (at most 8 k_aux d, only while latents are dead) and the per-step Adam and EMA updates
+    (O(n d) per batch, under 1% at a batch of 4096)."""
+    return 2 * n * d + 8 * k * d
+
+
+def smooth(y, w):
+    """Centered moving average of log y over w points (fewer at the ends), back in y's units."""
+    ly = np.log(np.asarray(y, dtype=np.float64))
+    c = np.concatenate([[0.0], np.cumsum(ly)])
+    i = np.arange(len(ly))
+    lo, hi = np.maximum(i - w // 2, 0), np.minimum(i + w // 2 + 1, len(ly))
+    return np.exp((c[hi] - c[lo]) / (hi - lo))
+
+
+def compute_frontier(curves, points=48):
+    """paper §3.1.1 (after Lindsey et al.): the compute-MSE frontier. curves: [(n, C, L)], the
+    loss along training of each n against training compute C (increasing arrays). At
+    log-spaced C, each curve that has started offers its loss there (log-log interpolation of
+    its running minimum) or, past its end, its final loss ("stale": a longer run might do
+    better); the frontier is the lowest offer, n_opt its n. -> (C, L, n_opt, stale) arrays."""
+    curves = [(n, Cs, np.minimum.accumulate(Ls)) for n, Cs, Ls in curves]
+    out = []
+    for C in np.geomspace(min(c[1][0] for c in curves), max(c[1][-1] for c in curves), points):
+        offers = [(math.exp(np.interp(math.log(C), np.log(Cs), np.log(Ls))), n, C > Cs[-1])
+                  for n, Cs, Ls in curves if Cs[0] <= C]
+        if len(offers) >= 2:
+            out.append((C, *min(offers)))
+    return tuple(np.array(v, dtype=np.float64) for v in zip(*out)) if out else (np.zeros(0),) * 4
+
+
+def fit_frontier(C, L, n_opt, stale, ladder):
+    """L(C) = c + a C^-b over the frontier points that are not stale (paper Fig. 1 left);
+    n_opt = A C^e over those whose n_opt is also inside the ladder (at its ends the optimum may
+    lie beyond it). -> {L, n_opt}, each None when too few points."""
+    live = stale == 0
+    inner = live & (n_opt > min(ladder)) & (n_opt < max(ladder))
+    return {"L": {**fit_power_law(C[live], L[live]), "points": int(live.sum())} if live.sum() >= 3 else None,
+            "n_opt": {**fit_power(C[inner], n_opt[inner]), "points": int(inner.sum())}
+            if len(set(n_opt[inner])) >= 2 else None}
+
+
+def tokens_to_convergence(tokens, loss, eps=CONVERGED_EPS, w=7):
+    """Tokens until the smoothed training loss first comes within eps of its final value, and
+    whether the run converged at all: its last quarter improved by less than eps (a run still
+    improving gives only a lower bound). -> (tokens, converged)."""
+    s = smooth(loss, w)
+    return float(tokens[np.argmax(s <= (1 + eps) * s[-1])]), bool(s[int(0.75 * (len(s) - 1))] <= (1 + eps) * s[-1])
+
+
+def at_matched_l0(l0s, ys, l0, log_y=True):
+    """TopK's ys over its k ladder (L0 = k) at L0 = l0, interpolated in log L0 (and log y when
+    log_y; delta CE can be <= 0); None outside the ladder."""
+    order = np.argsort(l0s)
+    x, y = np.log(np.asarray(l0s, dtype=np.float64)[order]), np.asarray(ys, dtype=np.float64)[order]
+    if not x[0] <= math.log(l0) <= x[-1]:
+        return None
+    return float(np.exp(np.interp(math.log(l0), x, np.log(y))) if log_y else np.interp(math.log(l0), x, y))
+
+
+def load_sweep(root):
+    """sweep.json and the runs that finished: settings, d_model, held-out summary `m` (train.py),
+    training curve (tokens, FVU) from log.jsonl."""
+    path = os.path.join(root, "sweep.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: --scaling takes a sweep directory written by python train.py --sweep NAME")
+    manifest = json.load(open(path))
+    runs = []
+    for r in manifest["runs"]:
+        ckpt = os.path.join(root, r["dir"], "ckpt.pt")
+        ck = gpt.load_checkpoint(ckpt) if os.path.isfile(ckpt) else {}
+        if not ck.get("metrics"):
+            continue
+        log = [json.loads(line) for line in open(os.path.join(root, r["dir"], "log.jsonl"))]
+        runs.append({**r, "path": ckpt, "d": ck["subject"]["d_model"], "m": ck["metrics"],
+                     "curve": (np.array([x["tokens"] for x in log], dtype=np.float64), np.array([x["fvu"] for x in log]))})
+    print(f"{root}: {len(runs)} of {len(manifest['runs'])} runs finished")
+    return manifest, runs
+
+
+def pick(runs, **want):
+    return [r for r in runs if all(r[key] == v for key, v in want.items())]
+
+
+def eval_cached(path, flags, device):
+    """main() on one checkpoint, quietly; reuses its eval.json when newer than the checkpoint
+    and made with the same flags."""
+    args = vars(build_parser().parse_args([path, *flags, "--device", device]))
+    want = {f: v for f, v in args.items() if f not in ("path", "device", "debug")}
+    out = os.path.join(os.path.dirname(path), "eval.json")
+    if os.path.isfile(out) and os.path.getmtime(out) >= os.path.getmtime(path):
+        old = json.load(open(out))
+        if {f: old["flags"].get(f) for f in want} == want:
+            return old
+    import contextlib, io
+    t = time.time()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        res = main([path, *flags, "--device", device])
+    print(f"  evaluated {path} ({time.time() - t:.0f} s)")
+    return res
+
+
+def scaling(root, device="cpu"):
+    """Every fit, table and plot of the study in the sweep directory root. -> the scaling.json dict."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t0 = time.time()
+    manifest, runs = load_sweep(root)
+    s, main_model = manifest["preset"], manifest["main"]
+    T, k_main, n_mid = s["tokens"], s["k_main"], s["n_mid"]
+    base = pick(runs, model=main_model, activation="topk", multi=False, auxk=True, init=True)
+    full = pick(base, tokens=T)
+    lines, out, plots = [], {"sweep": manifest["name"], "root": root}, []
+    say = lambda text="": lines.append(text) or print(text)
+    f4 = lambda x: "n/a" if x is None else f"{x:.4f}"
+
+    def save(fig, name):
+        plots.append(os.path.join(root, f"scaling_{name}.png"))
+        fig.savefig(plots[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+    ks, ns = sorted({r["k"] for r in full}), sorted({r["n"] for r in full})
+    fvu_at = {(r["n"], r["k"]): r["m"]["fvu"] for r in full}
+    say(f"Sweep {manifest['name']}: subject {main_model}, d_model {full[0]['d'] if full else '?'}, {T:,} tokens per run")
+
+    # 1. L(n) at fixed k (paper §3.1.2, Fig. 1 right)
+    say("\n1. L(n) = c + a n^-b per k: held-out FVU (normalized MSE) of the EMA weights")
+    say("    " + f"{'k':>5}" + "".join(f"{'n=' + str(n):>10}" for n in ns) + f"{'a':>10}{'b':>8}{'c':>8}{'rmse':>8}")
+    out["L_n"] = {}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for k in ks:
+        pts = sorted((n, fvu_at[n, k]) for n in ns if (n, k) in fvu_at)
+        fit = fit_power_law(*zip(*pts)) if len(pts) >= 3 else None
+        out["L_n"][str(k)] = {"points": pts, "fit": fit}
+        say(f"    {k:>5}" + "".join(f"{fvu_at.get((n, k), float('nan')):>10.4f}" for n in ns) +
+            (f"{fit['a']:>10.3g}{fit['b']:>8.3f}{fit['c']:>8.4f}{fit['rmse_log']:>8.3f}" if fit else ""))
+        line = ax.plot(*zip(*pts), "o", label=f"k={k}")[0]
+        if fit:
+            xs = np.geomspace(pts[0][0], pts[-1][0], 50)
+            ax.plot(xs, power_law(xs, fit), "-", color=line.get_color(), alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="latents n", ylabel="FVU", title="L(n) at fixed k, fits c + a n^-b")
+    ax.legend()
+    save(fig, "L_n")
+
+    # 2. the joint law L(n, k), fitted without the largest n of each k, which tests extrapolation
+    say("\n2. Joint law L(n, k) = exp(alpha + beta_k log k + beta_n log n + gamma log k log n) + exp(zeta + eta log k)")
+    largest = {k: max(n for n, kk in fvu_at if kk == k) for k in ks}
+    train_pts = [(n, k, v) for (n, k), v in fvu_at.items() if n != largest[k]]
+    held = [(n, k, v) for (n, k), v in fvu_at.items() if n == largest[k]]
+    out["joint"] = None
+    if len(train_pts) >= 6:
+        fit = fit_joint_law(*zip(*train_pts))
+        pred = lambda pts: np.array([joint_law(n, k, np.array([fit[c] for c in JOINT_NAMES])) for n, k, _ in pts])
+        err = lambda pts: np.log(pred(pts)) - np.log([v for _, _, v in pts])
+        gof = {"fit_points": len(train_pts), "heldout_points": len(held),
+               "rmse_log_fit": float(np.sqrt(np.mean(err(train_pts) ** 2))),
+               "rmse_log_heldout": float(np.sqrt(np.mean(err(held) ** 2))) if held else None,
+               "max_rel_err_heldout": float(np.max(np.abs(np.expm1(-err(held))))) if held else None}
+        out["joint"] = {"fit": fit, **gof}
+        say(f"    {'':8}{'ours':>10}{'paper (GPT-4)':>16}")
+        for c in JOINT_NAMES:
+            say(f"    {c:<8}{fit[c]:>10.3f}{PAPER_JOINT[c]:>16.3f}")
+        say(f"    fitted on {len(train_pts)} grid points: rmse of log L {gof['rmse_log_fit']:.3f}; held out the largest n "
+            f"of each k ({len(held)} points): rmse of log L {f4(gof['rmse_log_heldout'])}, worst relative error "
+            f"{f4(gof['max_rel_err_heldout'])}")
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for k in ks:
+            pts = sorted((n, v) for (n, kk), v in fvu_at.items() if kk == k)
+            line = ax.plot(*zip(*pts), "o", label=f"k={k}")[0]
+            xs = np.geomspace(ns[0], ns[-1], 50)
+            ax.plot(xs, joint_law(xs, k, np.array([fit[c] for c in JOINT_NAMES])), "-", color=line.get_color(), alpha=0.6)
+            ax.plot(largest[k], fvu_at[largest[k], k], "s", mfc="none", ms=11, color=line.get_color())
+        ax.set(xscale="log", yscale="log", xlabel="latents n", ylabel="FVU",
+               title="joint law L(n, k) (squares: held out)")
+        ax.legend()
+        save(fig, "joint")
+    else:
+        say("    skipped: fewer than 6 grid points to fit")
+
+    # 3. compute (paper §3.1.1): the frontier over the training curves of the n ladder at k_main
+    say(f"\n3. Compute: C = tokens x (2 n d + 8 k d) FLOPs (flops_per_token), k = {k_main}; loss along training (log.jsonl)")
+    ladder = [r for r in full if r["k"] == k_main]
+    curves = []
+    for r in sorted(ladder, key=lambda r: r["n"]):
+        tok, loss = r["curve"]
+        curves.append((r["n"], tok * flops_per_token(r["n"], r["d"], r["k"]), smooth(loss, 9)))
+    C, L, n_opt, stale = compute_frontier(curves) if len(curves) >= 2 else (np.zeros(0),) * 4
+    fits = fit_frontier(C, L, n_opt, stale, [r["n"] for r in ladder]) if len(C) else {"L": None, "n_opt": None}
+    conv = {r["n"]: tokens_to_convergence(*r["curve"]) for r in ladder}
+    done = sorted((n, t) for n, (t, ok) in conv.items() if ok)
+    fits["convergence"] = {**fit_power(*zip(*done)), "points": len(done)} if len(done) >= 2 else None
+    out["compute"] = {**fits, "frontier": {"C": C.tolist(), "L": L.tolist(), "n_opt": n_opt.tolist(),
+                                           "stale": stale.astype(bool).tolist()},
+                      "convergence_tokens": {str(n): {"tokens": t, "converged": ok} for n, (t, ok) in conv.items()}}
+    if fits["L"]:
+        say(f"    frontier L(C) = {fits['L']['c']:.4f} + {fits['L']['a']:.3g} C^-{fits['L']['b']:.3f} over "
+            f"{fits['L']['points']} points (paper, GPT-4, C as a fraction of its pretraining compute: "
+            f"0.09 + 0.056 C^-0.084)")
+    no = "not enough distinct optimal n inside the ladder"
+    say("    compute-optimal n: " + (f"n_opt = {fits['n_opt']['a']:.3g} C^{fits['n_opt']['e']:.3f} "
+                                    f"({fits['n_opt']['points']} frontier points)" if fits["n_opt"] else no))
+    say(f"    {'C (FLOP)':>12}{'frontier FVU':>14}{'n_opt':>8}   (stale: the best run had ended; not fitted)")
+    for i in np.unique(np.linspace(0, len(C) - 1, min(len(C), 8)).astype(int)):
+        say(f"    {C[i]:>12.3g}{L[i]:>14.4f}{int(n_opt[i]):>8}" + "   stale" * bool(stale[i]))
+    say(f"    tokens to convergence (smoothed training FVU within {CONVERGED_EPS:.0%} of its final value; "
+        f"'>' marks runs still improving):")
+    say("    " + "  ".join(f"n={n}: {'' if ok else '>'}{t:,.0f}" for n, (t, ok) in sorted(conv.items())))
+    say("    " + (f"tokens ~ n^{fits['convergence']['e']:.2f} over {len(done)} converged runs (paper: n^0.6 GPT-2 small, "
+                  f"n^0.65 GPT-4)" if fits["convergence"] else "fewer than 2 converged runs: no exponent (paper: ~n^0.6)"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for n, Cs, Ls in curves:
+        axes[0].plot(Cs, Ls, "-", alpha=0.7, label=f"n={n}")
+    if len(C):
+        axes[0].plot(C, L, "k--", lw=2, label="frontier")
+    if fits["L"]:
+        axes[0].plot(C, power_law(C, fits["L"]), "r:", lw=2, label=f"fit, b={fits['L']['b']:.3f}")
+    axes[0].set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="training FVU (smoothed)",
+                title="loss vs compute, frontier L(C)")
+    axes[0].legend(fontsize=7)
+    live = stale == 0
+    axes[1].plot(C[live], n_opt[live], "o", label="frontier")
+    axes[1].plot(C[~live], n_opt[~live], "o", mfc="none", color="gray", label="stale (not fitted)")
+    if fits["n_opt"]:
+        axes[1].plot(C[live], fits["n_opt"]["a"] * C[live] ** fits["n_opt"]["e"], "r-",
+                     label=f"C^{fits['n_opt']['e']:.2f}")
+    axes[1].legend()
+    axes[1].set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal n", title="n_opt(C)")
+    for n, (t, ok) in conv.items():
+        axes[2].plot(n, t, "o" if ok else "^", color="C0" if ok else "gray")
+    if fits["convergence"]:
+        xs = np.array(sorted(conv))
+        axes[2].plot(xs, fits["convergence"]["a"] * xs ** fits["convergence"]["e"], "r-",
+                     label=f"n^{fits['convergence']['e']:.2f}")
+        axes[2].legend()
+    axes[2].set(xscale="log", yscale="log", xlabel="latents n", ylabel="tokens to convergence",
+                title="tokens to convergence (triangles: lower bounds)")
+    save(fig, "compute")
+
+    # 4. TopK vs ReLU + L1 at matched L0 (paper §5.1, Fig. 2): the sparsity-reconstruction frontier
+    n_relu = s["n_relu"]
+    relu = sorted(pick(runs, model=main_model, activation="relu", n=n_relu, tokens=T), key=lambda r: r["m"]["l0"])
+    topk = sorted(pick(full, n=n_relu), key=lambda r: r["k"])
+    say(f"\n4. TopK vs ReLU + L1 at n = {n_relu}, matched L0 (TopK interpolated over its k ladder in log L0)")
+    say(f"    {'ReLU l1':>8}{'L0':>8}{'FVU':>9}{'TopK FVU':>10}{'dCE':>9}{'TopK dCE':>10}")
+    out["topk_vs_relu"] = {"topk": [{"k": r["k"], **{m: r["m"][m] for m in ("l0", "fvu", "delta_ce")}} for r in topk],
+                           "relu": []}
+    tl0 = [r["m"]["l0"] for r in topk]
+    for r in relu:
+        m = r["m"]
+        tf = at_matched_l0(tl0, [t["m"]["fvu"] for t in topk], m["l0"]) if len(topk) >= 2 else None
+        tc = at_matched_l0(tl0, [t["m"]["delta_ce"] for t in topk], m["l0"], log_y=False) if len(topk) >= 2 else None
+        out["topk_vs_relu"]["relu"].append({"l1": r["l1"], "l0": m["l0"], "fvu": m["fvu"], "delta_ce": m["delta_ce"],
+                                            "topk_fvu": tf, "topk_delta_ce": tc})
+        say(f"    {r['l1']:>8g}{m['l0']:>8.1f}{m['fvu']:>9.4f}{f4(tf):>10}{m['delta_ce']:>+9.4f}"
+            f"{'n/a' if tc is None else format(tc, '+.4f'):>10}")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in zip(axes, ("fvu", "delta_ce"), ("FVU", "delta CE (nats)")):
+        ax.plot([r["m"]["l0"] for r in topk], [r["m"][key] for r in topk], "o-", label="TopK (k ladder)")
+        ax.plot([r["m"]["l0"] for r in relu], [r["m"][key] for r in relu], "s-", label="ReLU + L1 (l1 ladder)")
+        ax.set(xscale="log", yscale="log" if key == "fvu" else "linear", xlabel="L0", ylabel=label)
+        ax.legend()
+    fig.suptitle(f"sparsity-reconstruction frontier, n = {n_relu}")
+    save(fig, "topk_vs_relu")
+
+    # 5-6 use the evaluations of section 1-7 on a few checkpoints (eval.json beside each)
+    flags = s["evals"]
+    ladder_tok = sorted(pick(base, n=n_mid, k=k_main), key=lambda r: r["tokens"])
+    multi = pick(runs, model=main_model, activation="topk", multi=True, n=n_mid, k=k_main, tokens=T)
+    todo = {r["path"]: r for r in [*ladder, *pick(full, n=n_mid), *ladder_tok, *multi]}
+    say(f"\n(evaluating {len(todo)} checkpoints with evals.py {' '.join(flags)})")
+    ev = {p: eval_cached(p, flags, device)["results"] for p in todo}
+
+    # 5. progressive recovery (paper §5.3): test-time k' on TopK- and Multi-TopK-trained SAEs
+    say(f"\n5. Progressive recovery at n = {n_mid}, k = {k_main}: FVU at test-time k'")
+    out["progressive"] = {}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, rs in (("TopK", pick(full, n=n_mid, k=k_main)), ("Multi-TopK", multi)):
+        if rs:
+            pts = ev[rs[0]["path"]]["progressive"]["points"]
+            out["progressive"][name] = pts
+            say(f"    {name:<11}" + "  ".join(f"k'={p['k']}: {p['fvu']:.4f}" for p in pts))
+            ax.plot([p["k"] for p in pts], [p["fvu"] for p in pts], "o-", label=name)
+    ax.axvline(k_main, color="gray", ls=":")
+    ax.set(xscale="log", yscale="log", xlabel="test-time k'", ylabel="FVU", title="progressive recovery (trained k dotted)")
+    ax.legend()
+    save(fig, "progressive")
+
+    # 6. feature recovery across scale (paper §4.2, §4.3, §4.5), along n, k and training tokens
+    say("\n6. Feature recovery: probe loss (lower is better), N2G F1, ablation sparsity (lower is sparser)")
+    say(f"    {'':22}{'probe CE':>10}{'N2G F1':>8}{'ablation':>10}   (baselines: residual channels' probe CE, "
+        f"random directions' ablation)")
+    out["features"] = {}
+    metric = lambda e: {"probe_ce": e["probe"]["mean_latent_ce"], "channel_ce": e["probe"]["mean_channel_ce"],
+                        "n2g_f1": e["n2g"]["median_f1"], "ablation": e["ablation"]["mean_latent"],
+                        "ablation_random": e["ablation"]["mean_random"]}
+    fig, axes = plt.subplots(3, 3, figsize=(14, 10), squeeze=False)
+    for col, (axis, rs) in enumerate((("n", sorted(ladder, key=lambda r: r["n"])),
+                                      ("k", sorted(pick(full, n=n_mid), key=lambda r: r["k"])),
+                                      ("tokens", ladder_tok))):
+        rows = [(r[axis], metric(ev[r["path"]])) for r in rs]
+        out["features"][axis] = rows
+        for x, m in rows:
+            say(f"    {axis + ' = ' + format(x, ','):<22}{f4(m['probe_ce']):>10}{f4(m['n2g_f1']):>8}"
+                f"{f4(m['ablation']):>10}   ({f4(m['channel_ce'])}, {f4(m['ablation_random'])})")
+        for row, (key, label) in enumerate((("probe_ce", "probe CE"), ("n2g_f1", "N2G F1"), ("ablation", "ablation sparsity"))):
+            ax = axes[row, col]
+            ax.plot([x for x, _ in rows], [np.nan if m[key] is None else m[key] for _, m in rows], "o-")
+            ax.set(xscale="log", xlabel=axis, ylabel=label)
+        axes[0, col].set_title({"n": f"along n (k = {k_main})", "k": f"along k (n = {n_mid})",
+                                "tokens": f"along training (n = {n_mid}, k = {k_main})"}[axis])
+    save(fig, "features")
+
+    # 7. dead latents against n, with and without AuxK and the init tricks (paper §2.4)
+    say(f"\n7. Dead latents (no fire in the last {T // 10:,} training tokens) at k = {k_main}")
+    settings = (("AuxK + init tricks", True, True), ("no AuxK", False, True), ("no AuxK, no init tricks", False, False))
+    say(f"    {'':26}" + "".join(f"{'n=' + str(n):>10}" for n in s["n_dead"]))
+    out["dead"] = {}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, auxk, init in settings:
+        pts = sorted((r["n"], r["m"]["dead_frac"]) for r in pick(runs, model=main_model, activation="topk", multi=False,
+                                                                  auxk=auxk, init=init, tokens=T, k=k_main))
+        out["dead"][name] = pts
+        say(f"    {name:<26}" + "".join(f"{dict(pts).get(n, float('nan')):>10.1%}" for n in s["n_dead"]))
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=name)
+    ax.set(xscale="log", xlabel="latents n", ylabel="dead fraction", title="dead latents")
+    ax.legend()
+    save(fig, "dead")
+
+    # 8. subject model size (paper §3.2): the n ladder at fixed k on each subject
+    say(f"\n8. Subject model size: L(n) = c + a n^-b at k = {s['k_subject']}")
+    out["subjects"] = []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    subj = []
+    for model in manifest["subjects"]:
+        rs = sorted((r for r in pick(runs, model=model, activation="topk", multi=False, auxk=True, init=True, tokens=T,
+                                     k=s["k_subject"]) if r["n"] in s["n_subject"]), key=lambda r: r["n"])
+        if rs:
+            subj.append((rs[0]["d"], model, rs))
+    for d, model, rs in sorted(subj, key=lambda x: x[0]):
+        pts = [(r["n"], r["m"]["fvu"]) for r in rs]
+        fit = fit_power_law(*zip(*pts)) if len(pts) >= 3 else None
+        name = model if model in gpt.GPT.PRETRAINED else os.path.basename(os.path.dirname(model))
+        out["subjects"].append({"model": model, "d_model": d, "ce_clean": rs[0]["m"]["ce_clean"], "points": pts, "fit": fit})
+        say(f"    {name:<12} d_model {d:>5}  CE {rs[0]['m']['ce_clean']:.3f}  " + "  ".join(f"n={n}: {v:.4f}" for n, v in pts)
+            + (f"  b {fit['b']:.3f}  c {fit['c']:.4f}" if fit else ""))
+        line = ax.plot(*zip(*pts), "o", label=f"{name} (d={d})")[0]
+        if fit:
+            xs = np.geomspace(pts[0][0], pts[-1][0], 50)
+            ax.plot(xs, power_law(xs, fit), "-", color=line.get_color(), alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="latents n", ylabel="FVU", title="subject model size")
+    ax.legend()
+    save(fig, "subjects")
+
+    wall = sum(manifest["seconds"].values())
+    out.update(plots=plots, train_seconds=wall, scaling_seconds=round(time.time() - t0, 1))
+    say(f"\nsweep training {wall / 60:.1f} min (sweep.json), this analysis {out['scaling_seconds'] / 60:.1f} min")
+    with open(os.path.join(root, "scaling.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(root, "scaling.json"), "w") as f:
+        json.dump(json_ready(out), f, indent=1, allow_nan=False)
+    print(f"wrote {os.path.join(root, 'scaling.txt')}, scaling.json and {len(plots)} plots: "
+          + ", ".join(os.path.basename(p) for p in plots))
     return out
 
 

@@ -198,3 +198,89 @@ def test_nonfinite_activations_stop_or_skip(tiny_gpt_ckpt, tmp_path, monkeypatch
     ck = train.main(args + ["--run", "skip", "--skip_nonfinite"])
     assert ck["metrics"]["skipped"] == 1 and ck["step"] == 40
     assert json.loads(open(tmp_path / "skip" / "log.jsonl").readlines()[-1])["skipped"] == 1
+
+
+# --- data parallelism: torchrun, DDP --------------------------------------------------------
+
+# 8 steps of 512 tokens, a checkpoint every 4; dead_tokens small enough for AuxK to start
+DDP_RUN = ["--n_latents", "128", "--k", "4", "--ctx_len", "32", "--tokens", "4096", "--batch_size", "512",
+           "--shuffle_tokens", "2048", "--eval_tokens", "512", "--dead_tokens", "1024", "--ckpt_every", "2048",
+           "--log_every", "1"]
+
+# train.py under torchrun or plain python; each rank saves its final SAE parameters to
+# STATE_DIR/rank<R>.pt, and rank 1 kills itself with SIGKILL at optimizer step KILL_AT_STEP.
+DDP_TRAIN = """
+import os, signal, sys, torch
+sys.path.insert(0, {here!r})
+import gpt, sae, train
+rank, kill_at, steps = os.environ.get("RANK", "0"), int(os.environ.get("KILL_AT_STEP", "0")), [0]
+orig = sae.SAE.normalize_decoder
+def normalize_decoder(self):
+    steps[0] += 1
+    if rank == "1" and steps[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(self)
+sae.SAE.normalize_decoder = normalize_decoder
+ck = gpt.run_cli(train.main)
+torch.save(ck["sae"], os.path.join(os.environ["STATE_DIR"], f"rank{{rank}}.pt"))
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_ddp_two_processes_match_one_and_resume(tiny_gpt_ckpt, tmp_path):
+    """torchrun, 2 gloo processes of 256 tokens a step each, reaches the parameters of one process
+    reading both data shards, 512 tokens a step, to float tolerance; the ranks stay identical,
+    the logged metrics are the global batch's, and a run killed mid-way resumes."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_TRAIN.format(here=HERE))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
+
+    def run(cmd, name, *extra, **env):
+        (tmp_path / name).mkdir(exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", STATE_DIR=str(tmp_path / name), **env)
+        return subprocess.run(cmd + ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path / name), *DDP_RUN, *extra],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    r = run([sys.executable, str(script)], "one", "--shards", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(torchrun, "ddp", KILL_AT_STEP="6")
+    ckpt = tmp_path / "ddp" / "topk_n128_k4" / "ckpt.pt"
+    assert r.returncode != 0 and torch.load(ckpt, weights_only=True)["step"] == 4
+    r = run(torchrun, "ddp", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("held-out") == 1  # only rank 0 prints
+    one, rank0, rank1 = (torch.load(tmp_path / d / f"rank{i}.pt") for d, i in (("one", 0), ("ddp", 0), ("ddp", 1)))
+    for key in one:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], one[key], rtol=0, atol=1e-6)
+    ck = torch.load(ckpt, weights_only=True)
+    assert ck["step"] == 8 and ck["train_config"]["shards"] == 2
+    assert all(torch.equal(ck["sae"][k], rank0[k]) for k in rank0)
+    sae, _ = train.load_sae(str(ckpt))
+    assert sae.cfg.n_latents == 128
+    logs = {d: {rec["step"]: rec for rec in map(json.loads, open(tmp_path / d / "topk_n128_k4" / "log.jsonl"))}
+            for d in ("one", "ddp")}
+    assert sorted(logs["ddp"]) == sorted(logs["one"]) == list(range(1, 9))
+    for step, rec in logs["one"].items():
+        for key in ("loss", "fvu", "aux_loss", "l0", "dead_frac"):
+            assert logs["ddp"][step][key] == pytest.approx(rec[key], rel=1e-5, abs=1e-6), (step, key)
+    assert any(rec["aux_loss"] > 0 for rec in logs["one"].values())  # AuxK ran, on the all-reduced dead mask
+
+
+def test_shard_and_batch_flags(tiny_gpt_ckpt, tmp_path):
+    base = ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--n_latents", "64", "--k", "4"]
+    with pytest.raises(gpt.UserError, match="--batch_size 1000 .* must split into 3 equal shard batches"):
+        train.main(base + ["--batch_size", "1000", "--shards", "3"])
+    with pytest.raises(gpt.UserError, match="--shards -1"):
+        train.main(base + ["--shards", "-1"])
+    # the shards are different data, and one process reading them all sees their concatenation
+    c = train.TrainConfig(model=tiny_gpt_ckpt, ctx_len=32, tokens=5000, batch_size=256, shuffle_tokens=1024,
+                          device="cpu", shards=2).resolve()
+    model, _, train_ids, _, subject = train.load_subject(c)
+    both = train.ActivationStream(c, model, train_ids, subject)
+    c.cache = str(tmp_path / "cache")  # a cache per shard gives the same batches
+    parts = [train.ActivationStream(c, model, train_ids, subject, shards=[r]) for r in (0, 1)]
+    for step in (0, 3, 4, 19):
+        assert torch.equal(both.batch(step), torch.cat([p.batch(step) for p in parts]))
+    assert not torch.equal(parts[0].batch(0), parts[1].batch(0))
+    assert sorted(os.listdir(c.cache)) == ["shard0of2", "shard1of2"]

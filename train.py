@@ -3,6 +3,7 @@ train.py: train a sparse autoencoder on a language model's residual stream.
 
     python train.py --n_latents 32768 --k 32          # the default: bundled char-level Shakespeare GPT
     python train.py --model gpt2 --layer 8 --n_latents 32768 --k 32 --tokens 200_000_000   # on a GPU
+    torchrun --nproc_per_node=8 train.py --model gpt2 --layer 8 ...   # data-parallel on 8 GPUs
 
 Pipeline, top to bottom: the subject model and its text (gpt.py) -> an activation stream
 (residuals after block `layer`, generated in chunks or read from an on-disk cache, shuffled
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
 from gpt import UserError
@@ -43,6 +46,7 @@ class TrainConfig:
     l1_coef: float = 0.0
     multi_topk: bool = False
     auxk: bool = True
+    no_init_tricks: bool = False    # ablation of the init tricks (paper §2.4)
     # optimization (paper §2.3, App. A)
     tokens: int = 4_000_000
     batch_size: int = 4096
@@ -52,6 +56,7 @@ class TrainConfig:
     dead_tokens: int = 0            # 0: min(10M, tokens // 10)
     shuffle_tokens: int = 1 << 18
     seed: int = 0
+    shards: int = 0                 # data shards, read in parallel by the processes; 0: one per process
     # bookkeeping
     cache: str = ""
     out_dir: str = "out"
@@ -73,6 +78,8 @@ class TrainConfig:
             self.dead_tokens = min(10_000_000, max(self.batch_size, self.tokens // 10))
         if not self.ckpt_every:
             self.ckpt_every = max(self.batch_size, self.tokens // 10)
+        if not self.shards:
+            self.shards = world_size()
         if not self.device:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if not self.dtype:
@@ -95,6 +102,12 @@ def check_config(c):
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
     if c.dtype not in ("", "float32", "bfloat16", "float16"):  # "": the device's default
         raise UserError(f"--dtype {c.dtype!r}: use float32, bfloat16 or float16")
+    shards, world = c.shards or world_size(), world_size()
+    if c.shards < 0 or shards % world:
+        raise UserError(f"--shards {c.shards}: use a multiple of the number of processes ({world}), or 0 for one each")
+    if c.batch_size % shards or c.batch_size // world < 2:
+        raise UserError(f"--batch_size {c.batch_size} (tokens per step, all processes together) must split into "
+                        f"{shards} equal shard batches and give each of the {world} processes 2 or more tokens")
 
 
 # -----------------------------------------------------------------------------
@@ -138,51 +151,68 @@ def activations(model, contexts, layer, include_first, device, dtype, batch=256)
 class ActivationStream:
     """Training batches of activations, (batch_size, d_model) float32.
 
-    Chunk c (chunk_tokens tokens, a multiple of the batch size) holds the residuals of
-    contexts drawn at random from the training ids with a generator seeded by (seed, c); its
-    rows are shuffled by a permutation from the same seed, so each batch mixes thousands of
-    contexts. Everything is a pure function of (seed, step): resuming at any step is exact,
-    and a `--cache` directory, which stores the chunks' rows unshuffled in a numpy memmap,
-    gives the same batches as generating them on the fly."""
+    The data come in c.shards shards, and a step's batch is the concatenation, in shard
+    order, of batch_size / shards rows from each. A process reads only the shards it is given
+    (`shards`, default all): under DDP each rank generates its own, and one process reading
+    every shard sees the same global batches as several ranks reading one each.
 
-    def __init__(self, c, model, train_ids, subject):
+    Chunk c of shard r (chunk_tokens rows, a multiple of the shard's rows per step) holds the
+    residuals of contexts drawn at random from the training ids with a generator seeded by
+    (seed, c, r); its rows are shuffled by a permutation from the same seed, so each batch
+    mixes thousands of contexts. Shard 0 keeps the seeds of the unsharded stream, so
+    --shards 1 gives the batches (and reads the caches) it always did. Everything is a pure
+    function of (seed, step): resuming at any step is exact, and a `--cache` directory, which
+    stores the chunks' rows unshuffled in a numpy memmap (one subdirectory per shard when
+    there are several), gives the same batches as generating them on the fly."""
+
+    def __init__(self, c, model, train_ids, subject, shards=None):
         self.c, self.model, self.ids, self.subject, self.d = c, model, train_ids, subject, subject["d_model"]
-        self.chunk_tokens = max(1, c.shuffle_tokens // c.batch_size) * c.batch_size
-        self.n_chunks = math.ceil(c.tokens / self.chunk_tokens)
+        self.shards = range(c.shards) if shards is None else shards
+        self.shard_batch = c.batch_size // c.shards
+        self.chunk_tokens = max(1, c.shuffle_tokens // c.batch_size) * self.shard_batch
+        self.n_chunks = math.ceil(c.tokens / (self.chunk_tokens * c.shards))
         self.per_ctx = c.ctx_len - (0 if c.include_first else 1)
-        self.cache = self._open_cache() if c.cache else None
+        self.cache = {r: self._open_cache(r) for r in self.shards} if c.cache else None
         self._chunk_index, self._chunk = -1, None
 
-    def _generate(self, chunk):
-        g = torch.Generator().manual_seed(self.c.seed * 1_000_003 + chunk)
+    def _seed(self, base, chunk, shard):
+        # torch's CPU generator keeps a seed's low 32 bits: shards sit 2^20 chunks apart there
+        return self.c.seed * base + chunk + (shard << 20)
+
+    def _generate(self, chunk, shard):
+        g = torch.Generator().manual_seed(self._seed(1_000_003, chunk, shard))
         n_ctx = math.ceil(self.chunk_tokens / self.per_ctx)
         starts = torch.randint(len(self.ids) - self.c.ctx_len, (n_ctx,), generator=g).numpy()
         contexts = torch.from_numpy(np.stack([self.ids[s:s + self.c.ctx_len] for s in starts]))
         acts = activations(self.model, contexts, self.c.layer, self.c.include_first, self.c.device, self.c.dtype)
         return acts[: self.chunk_tokens].cpu()
 
-    def _open_cache(self):
+    def _open_cache(self, shard):
         meta = {"model_sha256": self.subject["sha256"], "layer": self.c.layer, "ctx_len": self.c.ctx_len,
                 "include_first": self.c.include_first, "seed": self.c.seed, "chunk_tokens": self.chunk_tokens,
                 "d_model": self.d}
-        os.makedirs(self.c.cache, exist_ok=True)
-        meta_path, data_path = os.path.join(self.c.cache, "meta.json"), os.path.join(self.c.cache, "acts.f32")
+        cache = self.c.cache
+        if self.c.shards > 1:  # each rank writes only its own shards' directories
+            cache = os.path.join(cache, f"shard{shard}of{self.c.shards}")
+            meta["shard"] = f"{shard} of {self.c.shards}"
+        os.makedirs(cache, exist_ok=True)
+        meta_path, data_path = os.path.join(cache, "meta.json"), os.path.join(cache, "acts.f32")
         old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
         if old is not None:
             if {k: old.get(k) for k in meta} != meta:
                 diff = [k for k in meta if old.get(k) != meta[k]]
-                raise UserError(f"--cache {self.c.cache} was built for a different setup ({', '.join(diff)} differ): "
+                raise UserError(f"--cache {cache} was built for a different setup ({', '.join(diff)} differ): "
                                 f"use another directory or delete it")
             if old["chunks_done"] >= self.n_chunks:
                 return np.memmap(data_path, dtype=np.float32, mode="r", shape=(old["chunks_done"] * self.chunk_tokens, self.d))
         done = old["chunks_done"] if old else 0
-        print(f"writing activation cache {self.c.cache}: {self.n_chunks * self.chunk_tokens:,} tokens "
+        print(f"writing activation cache {cache}: {self.n_chunks * self.chunk_tokens:,} tokens "
               f"({self.n_chunks * self.chunk_tokens * self.d * 4 / 2**30:.2f} GiB)")
         mm = np.memmap(data_path, dtype=np.float32, mode="r+" if done else "w+",
                        shape=(self.n_chunks * self.chunk_tokens, self.d))
         from tqdm import tqdm
         for chunk in tqdm(range(done, self.n_chunks), desc="cache", unit="chunk"):
-            mm[chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens] = self._generate(chunk).numpy()
+            mm[chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens] = self._generate(chunk, shard).numpy()
             mm.flush()
             meta["chunks_done"] = chunk + 1
             with open(meta_path + ".tmp", "w") as f:
@@ -190,27 +220,29 @@ class ActivationStream:
             os.replace(meta_path + ".tmp", meta_path)  # the meta names only chunks fully written
         return np.memmap(data_path, dtype=np.float32, mode="r", shape=(self.n_chunks * self.chunk_tokens, self.d))
 
-    def _load_chunk(self, chunk):
+    def _load_chunk(self, chunk, shard):
         if self.cache is not None:
-            rows = torch.from_numpy(np.array(self.cache[chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens]))
+            rows = torch.from_numpy(np.array(self.cache[shard][chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens]))
         else:
-            rows = self._generate(chunk)
-        perm = torch.randperm(self.chunk_tokens, generator=torch.Generator().manual_seed(self.c.seed * 7919 + chunk))
+            rows = self._generate(chunk, shard)
+        perm = torch.randperm(self.chunk_tokens, generator=torch.Generator().manual_seed(self._seed(7919, chunk, shard)))
         return rows[perm]
 
     def _get_chunk(self, chunk):
+        """The rows of chunk `chunk` of each shard read here, in shard order."""
         if chunk != self._chunk_index:
-            self._chunk_index, self._chunk = chunk, self._load_chunk(chunk)
+            self._chunk_index, self._chunk = chunk, [self._load_chunk(chunk, r) for r in self.shards]
         return self._chunk
 
     def batch(self, step):
-        """The batch of training step `step` (0-based)."""
-        chunk, offset = divmod(step * self.c.batch_size, self.chunk_tokens)
-        return self._get_chunk(chunk)[offset:offset + self.c.batch_size]
+        """The batch of training step `step` (0-based): this process's shards' part of it."""
+        chunk, offset = divmod(step * self.shard_batch, self.chunk_tokens)
+        return torch.cat([rows[offset:offset + self.shard_batch] for rows in self._get_chunk(chunk)])
 
     def sample(self, n):
-        """Up to n activations from the first chunk (for initialization)."""
-        return self._get_chunk(0)[:n]
+        """Up to n activations from the first chunk of the first shard read here (for
+        initialization; under DDP rank 0's, which reads shard 0, reach every rank)."""
+        return self._get_chunk(0)[0][:n]
 
 
 def heldout_windows(val_ids, ctx_len, n_tokens, include_first):
@@ -285,6 +317,80 @@ def heldout_summary(sae, model, windows, layer, include_first, device, batch=64)
 
 
 # -----------------------------------------------------------------------------
+# Data parallelism (torchrun): the SAE replicated on every rank, each rank reading its own
+# data shards; DDP averages the gradients in backward, so the decoder projection, the
+# optimizer step and the renormalization see the same numbers everywhere and the replicas
+# stay identical.
+
+
+def world_size():
+    """Processes of the run: torchrun's WORLD_SIZE, 1 under a plain `python train.py`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_distributed(c):
+    """Join torchrun's process group: nccl with the GPU LOCAL_RANK on CUDA, gloo on CPU."""
+    if c.device.startswith("cuda"):
+        c.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(c.device)
+    dist.init_process_group("nccl" if c.device.startswith("cuda") else "gloo")
+
+
+def barrier(c):
+    dist.barrier(device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
+
+
+def all_ranks(flag):
+    """A bool tensor -> True if it is true on every rank (so that all ranks take the same branch)."""
+    t = flag.to(torch.int32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
+
+
+def any_rank(mask):
+    """Elementwise OR of a bool tensor over the ranks."""
+    if not dist.is_initialized():
+        return mask
+    t = mask.to(torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.bool()
+
+
+def step_loss(sae, x, out):
+    """-> (the loss this rank backpropagates, the global batch's [loss, fvu, aux_loss, l0], whether
+    the loss is finite on every rank). Without DDP: out's own numbers. With DDP: the FVU terms
+    divide by the variance of the batch they are taken over, so DDP's average of each rank's own
+    gradient is not the gradient of the loss on the global batch, the one a single process
+    reading every shard sees (a rank's variance differs from the global one by a few percent).
+    Weighting each FVU term by world * (rank variance) / (global variance) makes it that gradient,
+    up to rounding. The terms mirror SAE.forward's loss."""
+    if not dist.is_initialized():
+        logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
+        return out.loss, logged, bool(torch.isfinite(out.loss))
+    cfg, world = sae.cfg, dist.get_world_size()
+    with torch.no_grad():
+        x_n, mu, scale = sae.normalize_input(x)
+        e = x_n - (out.x_hat - mu) / scale  # the residual AuxK models
+        var_x, var_e = ((t - t.mean(0)).pow(2).sum() for t in (x_n, e))  # as sae.fvu's denominator
+        # float64 sums of the global batch: its variances are sum |t|^2 - |sum t|^2 / N
+        stats = torch.cat([x_n.double().sum(0), e.double().sum(0), torch.stack([t.double() for t in (
+            x_n.double().pow(2).sum(), e.double().pow(2).sum(), out.fvu * var_x, out.multi_loss * var_x,
+            out.aux_loss * var_e, out.l0, out.l1, out.loss)])])
+        dist.all_reduce(stats)
+        d, n = x_n.shape[1], len(x) * world
+        sq_x, sq_e, sse, sse_multi, sse_aux, l0, l1, loss_sum = stats[2 * d:]
+        var_x_all = sq_x - stats[:d].square().sum() / n
+        var_e_all = (sq_e - stats[d:2 * d].square().sum() / n).clamp_min(1e-30)  # 0 when reconstruction is exact
+        w_x, w_e = (world * var_x / var_x_all).float(), (world * var_e / var_e_all).float()
+        fvu_all, aux_all = sse / var_x_all, sse_aux / var_e_all
+        logged = torch.stack([fvu_all + sse_multi / var_x_all / 8 + cfg.auxk_coef * aux_all + cfg.l1_coef * l1 / world,
+                              fvu_all, aux_all, l0 / world]).float()
+    loss = w_x * (out.fvu + out.multi_loss / 8) + cfg.auxk_coef * w_e * out.aux_loss + cfg.l1_coef * out.l1
+    return loss, logged, bool(torch.isfinite(loss_sum))
+
+
+# -----------------------------------------------------------------------------
 # Training
 
 
@@ -304,14 +410,23 @@ def checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped
 
 
 def train(c, resume=False):
-    """Run training for the resolved config `c`; returns the final checkpoint dict."""
+    """Run training for the resolved config `c`; returns the final checkpoint dict. Under
+    torchrun (setup_distributed first) every rank runs this; rank 0 alone writes and prints."""
     from tqdm import tqdm
     torch.manual_seed(c.seed)
     run_dir = os.path.join(c.out_dir, c.run)
     ckpt_path, log_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")
+    distributed = dist.is_initialized()
+    ranks, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    main_rank = rank == 0
+    if not main_rank:
+        barrier(c)  # rank 0 loads first: it may pretrain or download the subject model
     model, tok, train_ids, val_ids, subject = load_subject(c)
+    if distributed and main_rank:
+        barrier(c)
     d_model = subject["d_model"]
-    stream = ActivationStream(c, model, train_ids, subject)
+    per_rank = c.shards // ranks
+    stream = ActivationStream(c, model, train_ids, subject, shards=range(rank * per_rank, (rank + 1) * per_rank))
     sae = make_sae(c, d_model).to(c.device)
     os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
     opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=6.25e-10,  # [code]
@@ -327,29 +442,40 @@ def train(c, resume=False):
         opt.load_state_dict(ck["optimizer"])
         tokens_since_fired = ck["tokens_since_fired"].to(c.device)
         step, skipped = ck["step"], ck["skipped"]
-        print(f"resuming {ckpt_path} at step {step} ({step * c.batch_size:,} tokens) with the run's saved settings")
+        if main_rank:
+            print(f"resuming {ckpt_path} at step {step} ({step * c.batch_size:,} tokens) with the run's saved settings")
     else:
-        # paper §2.4 / [code]: b_pre starts at the geometric median of a sample of inputs
-        sae.init_b_pre(stream.sample(32768).to(c.device))  # [code]: 32,768 samples
-        sae.init_encoder_scale()
-        with open(log_path, "w"):
-            pass
+        if c.no_init_tricks:  # ablation, paper §2.4: b_pre = 0, encoder rows independent of the decoder's
+            with torch.no_grad():
+                sae.W_enc.copy_(torch.nn.functional.normalize(torch.randn_like(sae.W_enc), dim=1))
+        else:
+            # paper §2.4 / [code]: b_pre starts at the geometric median of a sample of inputs
+            sae.init_b_pre(stream.sample(32768).to(c.device))  # [code]: 32,768 samples
+            sae.init_encoder_scale()
+        if main_rank:
+            with open(log_path, "w"):
+                pass
+    net = sae
+    if distributed:
+        # DDP starts by copying rank 0's parameters to every rank (b_pre came from each rank's own shard)
+        net = DDP(sae, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
     ema = EMA(sae, c.ema_decay)
     if resume:
         ema.load(ck["ema"], ck["ema_steps"])
     autocast = dict(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype), enabled=c.dtype != "float32")
     t0 = time.time()
     bar = tqdm(total=total_steps * c.batch_size, initial=step * c.batch_size, unit="tok", unit_scale=True,
-               desc=c.run, dynamic_ncols=True)
+               desc=c.run, dynamic_ncols=True, disable=not main_rank)
     start_step, last_ckpt_tokens = step, step * c.batch_size
     while step < total_steps:
         x = stream.batch(step).to(c.device, non_blocking=True)
         dead = tokens_since_fired >= c.dead_tokens
         out = None
-        if torch.isfinite(x).all():
+        if all_ranks(torch.isfinite(x).all()):
             with torch.autocast(**autocast):
-                out = sae(x, dead_mask=dead if c.auxk else None)
-        if out is None or not torch.isfinite(out.loss):
+                out = net(x, dead_mask=dead if c.auxk else None)
+            loss, logged, finite = step_loss(sae, x, out)
+        if out is None or not finite:
             if not c.skip_nonfinite:
                 what = "activations" if out is None else "loss"
                 raise UserError(f"non-finite {what} at step {step} (tokens {step * c.batch_size:,}); the last "
@@ -358,7 +484,7 @@ def train(c, resume=False):
             step += 1
             continue
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()                   # DDP: the gradients arrive averaged over the ranks
         sae.project_decoder_grad()        # paper App. A / [code]: keep decoder rows on the unit sphere
         if c.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
@@ -366,25 +492,28 @@ def train(c, resume=False):
         sae.normalize_decoder()
         ema.update(sae)
         # paper §2.4: a latent is dead once it has not fired for dead_tokens tokens
-        tokens_since_fired += len(x)
-        tokens_since_fired[out.fired] = 0
+        # (fired on any rank: the ranks agree on which latents are dead)
+        tokens_since_fired += c.batch_size
+        tokens_since_fired[any_rank(out.fired)] = 0
         step += 1
-        bar.update(len(x))
-        if step % c.log_every == 0 or step == total_steps:
-            rec = {"step": step, "tokens": step * c.batch_size, "loss": out.loss.item(), "fvu": out.fvu.item(),
-                   "aux_loss": float(out.aux_loss), "l0": float(out.l0), "dead_frac": dead.float().mean().item(),
-                   "skipped": skipped, "elapsed_s": round(time.time() - t0, 2)}
+        bar.update(c.batch_size)
+        if main_rank and (step % c.log_every == 0 or step == total_steps):
+            rec = {"step": step, "tokens": step * c.batch_size,
+                   **dict(zip(("loss", "fvu", "aux_loss", "l0"), logged.tolist())),
+                   "dead_frac": dead.float().mean().item(), "skipped": skipped, "elapsed_s": round(time.time() - t0, 2)}
             bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.3f}",
                             aux=f"{rec['aux_loss']:.3f}")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if c.ckpt_every and step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and step < total_steps:
-            gpt.save_checkpoint(checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, {}),
-                                ckpt_path)
+            if main_rank:
+                gpt.save_checkpoint(checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, {}),
+                                    ckpt_path)
             last_ckpt_tokens = step * c.batch_size
     bar.close()
     train_s = time.time() - t0
-    # the summary, on held-out text with the EMA weights (paper App. A)
+    # the summary, on held-out text with the EMA weights (paper App. A); every rank computes
+    # the same numbers, so none waits on another
     eval_sae = make_sae(c, d_model).to(c.device)
     eval_sae.load_state_dict(ema.state_dict())
     windows = heldout_windows(val_ids, c.ctx_len, c.eval_tokens, c.include_first)
@@ -393,6 +522,8 @@ def train(c, resume=False):
                    train_seconds=round(train_s, 1),
                    tokens_per_s=round((total_steps - start_step) * c.batch_size / max(train_s, 1e-9)), skipped=skipped)
     ck = checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, metrics)
+    if not main_rank:
+        return ck
     gpt.save_checkpoint(ck, ckpt_path)
     print(f"held-out ({metrics['eval_tokens']:,} tokens, EMA weights): FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.1f}  "
           f"delta CE {metrics['delta_ce']:+.4f} nats ({metrics['ce_clean']:.4f} -> {metrics['ce_sae']:.4f})  "
@@ -415,6 +546,149 @@ def load_sae(path, ema=True):
 
 
 # -----------------------------------------------------------------------------
+# Sweeps: the grids of the scaling-law study (paper §3); evals.py --scaling fits and plots them
+
+# Each grid point is an ordinary run directory, named by its settings, in OUT_DIR/sweep_NAME/
+# (extra subject models in OUT_DIR/sweep_NAME/gpt_*/), all runs of a subject model reading one
+# activation cache. Every run trains on `tokens` tokens except the token ladder, and all share
+# dead_tokens = tokens / 10: with the same seed, data order and constant learning rate, the run
+# with tokens / 4 is exactly the first quarter of the full run, so the ladder doubles as the
+# full run's intermediate checkpoints ("along training", paper §4).
+SWEEPS = {
+    # The bundled char GPT (d_model 128) on 2 CPU cores: 48 runs and two small GPTs, about 45
+    # minutes estimated from measured step costs, pretraining out/gpt/ckpt.pt (5) included.
+    "default": dict(
+        model=gpt.DEFAULT_CKPT, cache=True, train=["--log_every", "5"], tokens=1 << 21,
+        n=[256, 512, 1024, 2048, 4096, 8192], k=[8, 16, 32, 64], k_main=32, n_mid=2048,
+        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=1024, l1=[0.1, 0.2, 0.3, 0.5], n_dead=[512, 2048, 8192],
+        subjects=[dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=3, n_embd=96)],
+        gpt=["--preset", "cpu"], n_subject=[256, 512, 1024, 2048, 4096], k_subject=16, evals=["--tokens", "16384"]),
+    # The whole pipeline in seconds (the test suite runs it): three tiny GPTs trained here, the
+    # largest one the subject of every other sweep.
+    "quick": dict(
+        model=None, cache=True, tokens=16384,
+        train=["--batch_size", "512", "--ctx_len", "32", "--shuffle_tokens", "8192", "--eval_tokens", "2048",
+               "--log_every", "2"],
+        n=[32, 64, 128, 256], k=[2, 4, 8], k_main=4, n_mid=128, token_fracs=[1 / 4, 1 / 2], n_relu=64,
+        l1=[0.3, 0.7], n_dead=[64, 256],
+        subjects=[dict(n_layer=1, n_head=2, n_embd=16), dict(n_layer=2, n_head=2, n_embd=24),
+                  dict(n_layer=2, n_head=2, n_embd=32)],
+        gpt=["--preset", "tiny", "--iters", "150", "--eval_windows", "16"], n_subject=[32, 64, 128], k_subject=4,
+        evals=["--tokens", "2048", "--probe_tokens", "256", "--n2g_latents", "8", "--n2g_examples", "8",
+               "--ablation_samples", "16"]),
+    # GPT-2 small, layer 8 (2/3 of the depth: the paper's site), on one GPU. No cache: 33M tokens
+    # of 768-wide activations would be 100 GB; generated on the fly they are the same batches.
+    "gpt2": dict(
+        model="gpt2", cache=False, train=["--batch_size", "32768", "--shuffle_tokens", str(1 << 21), "--log_every", "10"],
+        tokens=1 << 25, n=[4096, 8192, 16384, 32768, 65536, 131072], k=[16, 32, 64, 128], k_main=32, n_mid=32768,
+        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=16384, l1=[0.1, 0.2, 0.3, 0.5], n_dead=[8192, 32768, 131072],
+        subjects=["gpt2-medium", "gpt2-large"], gpt=[], n_subject=[4096, 8192, 16384, 32768, 65536], k_subject=32,
+        evals=[]),
+}
+SWEEP_FLAGS = {"model", "model_path", "data", "layer", "device", "dtype", "seed", "out_dir"}  # all else is the grid's
+
+
+def sweep_runs(s, main_model, subjects):
+    """The grid of sweep preset s -> list of run settings (dicts), the full-budget runs first so
+    that the first run of each subject writes the whole activation cache."""
+    T = s["tokens"]
+    runs = []
+
+    def add(model=main_model, n=s["n_mid"], k=s["k_main"], activation="topk", l1=0.0, multi=False, auxk=True,
+            init=True, tokens=T):
+        name = (f"topk_n{n}_k{k}" if activation == "topk" else f"relu_n{n}_l1_{l1:g}") + "_multi" * multi + \
+            "_noauxk" * (not auxk) + "_noinit" * (not init) + f"_t{tokens // 1024}k"
+        r = dict(model=model, run=name, n=n, k=k, activation=activation, l1=l1, multi=multi, auxk=auxk, init=init,
+                 tokens=tokens)
+        if r not in runs:
+            runs.append(r)
+    for k in s["k"]:                    # paper §3.1: L(n) per k, and the joint law L(n, k)
+        for n in s["n"]:
+            add(n=n, k=k)
+    for l1 in s["l1"]:                  # paper §2.2, §5.1: the ReLU + L1 baseline, matched to TopK's k ladder
+        add(n=s["n_relu"], activation="relu", l1=l1)
+    add(multi=True)                     # paper §5.3: Multi-TopK, progressive codes
+    for n in s["n_dead"]:               # paper §2.4: dead latents without AuxK, and without the init tricks
+        add(n=n, auxk=False)
+        add(n=n, auxk=False, init=False)
+    for model in subjects:              # paper §3.2: subject model size
+        for n in s["n_subject"]:
+            add(model=model, n=n, k=s["k_subject"])
+    for f in s["token_fracs"]:          # token budgets, the full run's intermediate checkpoints
+        add(tokens=int(T * f))
+    return runs
+
+
+def _finished(run_dir):
+    path = os.path.join(run_dir, "ckpt.pt")
+    return os.path.isfile(path) and bool(gpt.load_checkpoint(path)["metrics"])
+
+
+def sweep(name, out_dir="out", overrides=None):
+    """Train the grid SWEEPS[name] into OUT_DIR/sweep_NAME/, one train.py run per grid point,
+    sequentially: finished runs are skipped and interrupted ones resumed, so running the same
+    command again continues a stopped sweep. overrides: TrainConfig fields from SWEEP_FLAGS
+    (model: the main subject; model_path and layer apply to it alone). Writes sweep.json, the
+    manifest that evals.py --scaling reads; returns it."""
+    s, overrides = SWEEPS[name], dict(overrides or {})
+    flags = lambda names: [a for f in names if f in overrides for a in (f"--{f}", str(overrides[f]))]
+    root = os.path.join(out_dir, f"sweep_{name}")
+    os.makedirs(root, exist_ok=True)
+    manifest_path = os.path.join(root, "sweep.json")
+    old = json.load(open(manifest_path)) if os.path.isfile(manifest_path) else {}
+    seconds = old.get("seconds", {})  # wall time of each run and subject model, summed over restarts
+    homes = {}  # subject model -> the directory of its runs and activation cache
+    for spec in s["subjects"]:  # paper §3.2: models of growing size; gpt.py ones with one recipe
+        if isinstance(spec, str):  # a pretrained GPT-2 size
+            homes[spec] = os.path.join(root, spec)
+            continue
+        home = os.path.join(root, f"gpt_L{spec['n_layer']}_d{spec['n_embd']}")
+        if not os.path.isfile(os.path.join(home, "ckpt.pt")):
+            t0 = time.time()
+            gpt.main([*s["gpt"], "--out_dir", home, *[a for f, v in spec.items() for a in (f"--{f}", str(v))],
+                      *flags(("data", "device", "seed"))])
+            seconds[os.path.basename(home)] = round(time.time() - t0, 1)
+        homes[os.path.join(home, "ckpt.pt")] = home
+    main_model = overrides.get("model") or s["model"] or list(homes)[-1]
+    homes[main_model] = root
+    runs = sweep_runs(s, main_model, list(homes))
+    for r in runs:
+        r["dir"] = os.path.relpath(os.path.join(homes[r["model"]], r["run"]), root)
+    manifest = {"name": name, "preset": s, "main": main_model, "subjects": list(homes), "runs": runs,
+                "seconds": seconds}
+
+    def save():
+        with open(manifest_path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(manifest_path + ".tmp", manifest_path)
+    save()
+    for i, r in enumerate(runs):
+        home, run_dir = homes[r["model"]], os.path.join(root, r["dir"])
+        if _finished(run_dir):
+            print(f"[{i + 1}/{len(runs)}] {r['dir']}: done, skipped")
+            continue
+        argv = ["--model", r["model"], "--out_dir", home, "--run", r["run"], "--n_latents", str(r["n"]),
+                "--tokens", str(r["tokens"]), "--dead_tokens", str(s["tokens"] // 10), *s["train"],
+                *flags(("data", "device", "dtype", "seed"))]
+        argv += ["--cache", os.path.join(home, "cache")] if s["cache"] else []
+        argv += flags(("model_path", "layer")) if r["model"] == main_model else []
+        argv += ["--k", str(r["k"])] if r["activation"] == "topk" else ["--activation", "relu", "--l1_coef", str(r["l1"])]
+        argv += ["--multi_topk"] * r["multi"] + ["--no_auxk"] * (not r["auxk"]) + ["--no_init_tricks"] * (not r["init"])
+        if os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+            argv.append("--resume")
+        elif os.path.exists(run_dir):
+            argv.append("--overwrite")  # stopped before its first checkpoint
+        print(f"[{i + 1}/{len(runs)}] {r['dir']}")
+        t0 = time.time()
+        main(argv)
+        seconds[r["dir"]] = round(seconds.get(r["dir"], 0) + time.time() - t0, 1)
+        save()
+    print(f"sweep {name}: {len(runs)} runs in {root}, {sum(seconds.values()) / 60:.1f} min of training in all; "
+          f"fit and plot them: python evals.py --scaling {root}")
+    return manifest
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 HELP = {
@@ -431,14 +705,16 @@ HELP = {
     "l1_coef": "L1 penalty weight for --activation relu",
     "multi_topk": "train with Multi-TopK, L(k) + L(4k)/8 (paper §5.3)",
     "auxk": "",
+    "no_init_tricks": "ablation (paper §2.4): b_pre starts at 0 and the encoder at random unit rows, instead of the geometric median, the decoder's transpose and the encoder rescale",
     "tokens": "training tokens",
-    "batch_size": "tokens per step",
+    "batch_size": "tokens per optimizer step, all processes together (under torchrun each process takes batch_size / processes)",
     "lr": "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14)",
     "ema_decay": "decay of the weight EMA that is evaluated and saved (paper: 0.999)",
     "grad_clip": "clip the gradient norm to this; 0 is off",
     "dead_tokens": "a latent is dead after this many tokens without firing; 0 means min(10M, tokens/10)",
     "shuffle_tokens": "activations generated per chunk and shuffled together (rounded to a multiple of --batch_size)",
     "seed": "random seed (SAE init, contexts, shuffling)",
+    "shards": "independent data shards; each process generates or reads its own share, so a run with the same --shards gives the same batches on any number of processes; 0 means one per process",
     "cache": "directory for an on-disk activation cache (numpy memmap): written once, then read by later runs",
     "out_dir": "parent directory of run directories",
     "run": "run name: writes OUT_DIR/RUN/ckpt.pt and log.jsonl; default from activation, n, k",
@@ -462,6 +738,10 @@ def build_parser():
             shown = f" (default: {f.default})" if f.default not in ("", 0, -1) else ""
             p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default,
                            choices=["topk", "relu"] if f.name == "activation" else None, help=HELP[f.name] + shown)
+    p.add_argument("--sweep", choices=sorted(SWEEPS),
+                   help="train the grid of a scaling-law study (SWEEPS) into OUT_DIR/sweep_NAME, skipping finished runs; "
+                        "takes only " + ", ".join(f"--{f}" for f in sorted(SWEEP_FLAGS)) +
+                        "; then fit and plot: python evals.py --scaling OUT_DIR/sweep_NAME")
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/RUN/ckpt.pt where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -475,6 +755,14 @@ def _int(s):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.sweep:
+        given = {f.name for f in fields(TrainConfig) if getattr(args, f.name) != f.default}
+        bad = sorted(given - SWEEP_FLAGS) + ["resume"] * args.resume + ["overwrite"] * args.overwrite
+        if bad:
+            raise UserError(f"--sweep {args.sweep} does not take {', '.join('--' + b for b in bad)}: the grid sets the "
+                            f"runs' flags (edit SWEEPS in train.py for another) and resumes by itself; delete "
+                            f"OUT_DIR/sweep_{args.sweep} to start over")
+        return sweep(args.sweep, args.out_dir, {f: getattr(args, f) for f in given})
     c = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     check_config(c)
     run_dir = os.path.join(c.out_dir, c.resolve().run)
@@ -484,14 +772,22 @@ def main(argv=None):
         if not os.path.isfile(ck_path):
             raise UserError(f"--resume: {ck_path} does not exist; start the run without --resume")
         saved = gpt.load_checkpoint(ck_path)["train_config"]
+        saved.setdefault("shards", 1)  # runs from before data shards read one
         c = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)})
     elif os.path.exists(run_dir):
         if not args.overwrite:
             raise UserError(f"{run_dir} already exists: pass --run NAME for a new run, --resume to continue it, "
                             f"or --overwrite to replace it")
-        shutil.rmtree(run_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank clears it
+            shutil.rmtree(run_dir)
     check_config(c)
-    return train(c, resume=args.resume)
+    if world_size() == 1:
+        return train(c, resume=args.resume)
+    setup_distributed(c)
+    try:
+        return train(c, resume=args.resume)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
