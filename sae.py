@@ -87,6 +87,7 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.clone())  # (n_latents, d_model)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))  # set by init_b_pre
+        self._scratch = {}  # the fast path's reusable pre-activation buffer (CPU); not state
 
     # ---- paper §2.1: input normalization ----
 
@@ -120,7 +121,7 @@ class SAE(nn.Module):
         k = self._check_k(self.cfg.k if k is None else k)
         # [code]: z = ReLU(TopK(W_enc (x - b_pre) + b_enc)). The paper's equation has no
         # b_enc and no ReLU; the ReLU zeroes kept values that are negative.
-        vals, idx = self.preacts(x_n).topk(k, dim=1, sorted=False)
+        vals, idx = _topk(self.preacts(x_n), k)
         return vals.relu(), idx
 
     def encode(self, x, k=None):
@@ -234,20 +235,23 @@ class SAE(nn.Module):
         row, so Adam moves rows along the unit sphere. Rows are unit (normalize_decoder)."""
         g = self.W_dec.grad
         if g is not None:
-            g.addcmul_(self.W_dec, torch.linalg.vecdot(g, self.W_dec).unsqueeze(1), value=-1)
+            for g_c, W_c in zip(_row_chunks(g), _row_chunks(self.W_dec)):
+                g_c.addcmul_(W_c, torch.linalg.vecdot(g_c, W_c).unsqueeze(1), value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self, eps=1e-12):
         """After the optimizer step: decoder rows back to unit norm (paper App. A.1)."""
-        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(eps))
+        for W_c in _row_chunks(self.W_dec):
+            W_c.div_(torch.linalg.vector_norm(W_c, dim=1, keepdim=True).clamp_min(eps))
 
     # ---- fast path and dense reference: (vals, idx, x_hat, x_hat_multi, e_hat) ----
 
     def _recon_fast(self, x_n, k_top, dead_idx, k_aux):
-        """One dense encoder matmul; everything after it costs O(B * (k_top + k_aux) * d)."""
+        """One dense encoder matmul; everything after it costs O(B * (k_top + k_aux) * d),
+        or O(B * n_dead * d) in dense matmuls while few latents are dead."""
         k = self.cfg.k
         vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
-            x_n, self.W_enc, self.b_enc, self.b_pre, k_top, k_top > k, dead_idx, k_aux)
+            x_n, self.W_enc, self.b_enc, self.b_pre, k_top, dead_idx, k_aux, self._scratch)
         codes = [(vals[:, :k], idx[:, :k])]
         if k_top > k:  # L(4k) reuses the k-code reconstruction and adds the next 3k latents
             codes.append((vals[:, k:], idx[:, k:]))
@@ -263,16 +267,19 @@ class SAE(nn.Module):
         """Readable reference: dense (B, n_latents) codes and matmuls; autograd does the rest."""
         k = self.cfg.k
         pre = self.preacts(x_n)  # (B, n_latents)
-        # selection only (on a copy, which AuxK may overwrite); values come from pre below
-        vals, idx, _, aux_idx = _topk_codes(pre.detach().clone(), k_top, k_top > k, dead_idx, k_aux)
+        idx = pre.detach().topk(k_top, dim=1).indices  # sorted: the top k come first
 
         def dense_code(i):  # (B, n_latents): ReLU'd pre-activations at i, zero elsewhere
             return torch.zeros_like(pre).scatter(1, i, pre.gather(1, i)).relu()
 
         x_hat = dense_code(idx[:, :k]) @ self.W_dec + self.b_pre
         x_hat_multi = dense_code(idx) @ self.W_dec + self.b_pre if k_top > k else x_hat
-        e_hat = dense_code(aux_idx) @ self.W_dec if k_aux else None
-        return vals, idx, x_hat, x_hat_multi, e_hat
+        e_hat = None
+        if k_aux:  # the top k_aux among the dead latents only
+            live = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device).index_fill_(0, dead_idx, False)
+            aux_idx = pre.detach().masked_fill(live, float("-inf")).topk(k_aux, dim=1).indices
+            e_hat = dense_code(aux_idx) @ self.W_dec
+        return pre.gather(1, idx).relu().detach(), idx, x_hat, x_hat_multi, e_hat
 
     # ---- checks and checkpoints ----
 
@@ -337,22 +344,61 @@ def geometric_median(points, max_iter=1000, tol=1e-7, eps=1e-12):
     return nearest if (points - nearest).norm(dim=1).sum() < (1 - tol) * dist.sum() else y
 
 
+# Elements per chunk (~16 MB of fp32) for CPU work done in chunks that stay in cache.
+_CHUNK = 1 << 22
+
+
+def _row_chunks(m):
+    """An (n, d) matrix as chunks of rows, _CHUNK elements each on CPU: a row-wise op done
+    chunk by chunk reads each chunk back from cache instead of memory, and a temporary such
+    as vecdot's product stays small (measured at (32768, 768): projecting the decoder
+    gradient 70 -> 32 ms). On GPU, one chunk: chunks would only add kernel launches."""
+    return m.split(max(1, _CHUNK // m.shape[1]) if m.device.type == "cpu" else len(m))
+
+
 # ---- fast path: [code] kernels.py's sparse kernels, written with torch ops ----
 
-def _topk_codes(pre, k_top, sorted_, dead_idx, k_aux):
-    """Pre-activations (B, n) -> vals, idx (B, k_top) and aux_vals, aux_idx (B, k_aux),
-    the top k_aux among dead latents; pre is overwritten when most latents are dead.
-    vals come ReLU'd; sorted_ keeps the top k first inside the top 4k (Multi-TopK)."""
-    vals, idx = pre.topk(k_top, dim=1, sorted=sorted_)
-    if k_aux == 0:
-        return vals.relu(), idx, vals.new_zeros(len(vals), 0), idx.new_zeros(len(idx), 0)
-    if 2 * len(dead_idx) <= pre.shape[1]:  # few dead: a gathered (B, n_dead) slice
-        aux_vals, local = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
-        return vals.relu(), idx, aux_vals.relu(), dead_idx[local]
-    # most dead: hide the live latents in place rather than copy most of pre
-    live = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device).index_fill_(0, dead_idx, False)
-    aux_vals, aux_idx = pre.masked_fill_(live, float("-inf")).topk(k_aux, dim=1, sorted=False)
-    return vals.relu(), idx, aux_vals.relu(), aux_idx
+# The AuxK code is a dense block over the dead latents while there are at most this many
+# times k_aux of them: every token then picks a large share of them, and dense matmuls beat
+# per-entry gathers. Measured break-even near 14x at d_model 768 (k_aux 384) and 128 (k_aux
+# 64); at d_model 768 and 5% dead (4x) AuxK adds 225 ms to a step as a block, 620 sparse.
+_AUXK_BLOCK_RATIO = 12
+
+
+def _topk(x, k, block=16):
+    """torch.topk(x, k, dim=1) for x (B, n): values sorted descending, indices into dim 1.
+    On CPU, in two stages when n is large: the maximum of each of n // block strided blocks
+    of columns, then the top k among the k best blocks' columns and the n % block leftover
+    ones. Every value of the top k lies in those (a block holding one but not chosen would
+    give k + 1 values above the k-th), so values are exact; indices can differ from
+    torch.topk only between ties. Measured at (2048, 32768), k 32: half torch.topk's time,
+    a partial sort per row. On GPU torch.topk's radix select is already fast."""
+    B, n = x.shape
+    if x.device.type != "cpu" or 4 * block * k > n:
+        return x.topk(k, dim=1)
+    nb = n // block
+    blocks = x[:, :nb * block].view(B, block, nb)  # blocks[b, t, j] = x[b, t * nb + j]: block j
+    best = blocks.amax(1).topk(k, dim=1, sorted=False).indices  # (B, k) block ids
+    cols = (best.unsqueeze(1) + nb * torch.arange(block, device=x.device).view(1, block, 1)).view(B, block * k)
+    if nb * block < n:
+        cols = torch.cat([cols, torch.arange(nb * block, n, device=x.device).expand(B, -1)], 1)
+    vals, pos = x.gather(1, cols).topk(k, dim=1)
+    return vals, cols.gather(1, pos)
+
+
+def _auxk_code(pre_dead, dead_idx, k_aux):
+    """The dead latents' pre-activations (B, n_dead) -> the AuxK code (paper §2.4): each
+    token's top k_aux of them, ReLU'd, as aux_vals, aux_idx. With few dead latents it is a
+    dense block, aux_vals (B, n_dead) over the columns aux_idx = dead_idx, zero outside each
+    token's top k_aux; otherwise sparse, (B, k_aux) each."""
+    n_dead = len(dead_idx)
+    if n_dead > _AUXK_BLOCK_RATIO * k_aux:
+        aux_vals, local = _topk(pre_dead, k_aux)
+        return aux_vals.relu(), dead_idx[local]
+    if k_aux < n_dead:
+        top, local = pre_dead.topk(k_aux, dim=1, sorted=False)
+        return torch.zeros_like(pre_dead).scatter_(1, local, top).relu_(), dead_idx
+    return pre_dead.relu(), dead_idx
 
 
 def _codes_csr_t(idx, vals, n):
@@ -379,20 +425,70 @@ def _spmm(S_t, dense):
     return torch.addmm(out, S_t, dense, beta=0.0, out=out)
 
 
+def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
+    """The encoder and TopK: pre-activations pre = x_c W_enc^T + b_enc (B, n_latents) -> vals,
+    idx (B, k_top), each token's top k_top sorted descending, and pre[:, :n_lead].
+
+    On CPU, in chunks of rows, each selected from right after its matmul, into a buffer kept
+    in scratch across steps (a fresh buffer costs page faults on top of the write: measured
+    at (2048, 32768), 140 ms fresh, 53 reused). A chunk has max(d_model, _CHUNK / n_latents)
+    rows: with a small W_enc (d_model 128: 128 rows, 16 MB) the matmul is bound by writing
+    pre, and the chunk is still in cache for TopK instead of read back from memory (measured
+    at d_model 128, batch 4096: matmul + TopK 436 -> 347 ms, 237 for the matmul alone); with
+    at least d_model rows, re-reading W_enc per chunk costs no more than the chunk itself
+    (measured at d_model 768: as fast as one chunk). No (B, n) buffer either way. On GPU, and
+    under CPU autocast (which out= bypasses), a plain addmm: CUDA's caching allocator already
+    reuses memory."""
+    B, n = len(x_c), len(W_enc)
+    if x_c.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        pre = torch.addmm(b_enc, x_c, W_enc.t())
+        return *_topk(pre, k_top), pre[:, :n_lead]
+    rows = min(B, max(_CHUNK // n, x_c.shape[1]))
+    buf = scratch.get("pre")
+    if buf is None or buf.shape != (rows, n) or buf.dtype != x_c.dtype:
+        scratch["pre"] = buf = x_c.new_empty(rows, n)
+    vals, lead = x_c.new_empty(B, k_top), x_c.new_empty(B, n_lead)
+    idx = torch.empty(B, k_top, dtype=torch.long, device=x_c.device)
+    for s in range(0, B, rows):
+        pre = torch.addmm(b_enc, x_c[s:s + rows], W_enc.t(), out=buf[:min(rows, B - s)])
+        vals[s:s + rows], idx[s:s + rows] = _topk(pre, k_top)
+        lead[s:s + rows] = pre[:, :n_lead]
+    return vals, idx, lead
+
+
 class _SparseEncode(torch.autograd.Function):
-    """(x_n, W_enc, b_enc, b_pre) -> vals, idx (B, k_top), aux_vals, aux_idx (B, k_aux).
+    """(x_n, W_enc, b_enc, b_pre) -> the TopK code vals, idx (B, k_top), ReLU'd and sorted
+    descending, and the AuxK code aux_vals, aux_idx (see _auxk_code).
     The one dense matmul of a step; under torch.autocast it runs in the autocast dtype
     (addmm is on autocast's low-precision list) and the codes come back in W_enc's dtype.
     Backward touches only the selected latents and computes no input gradient."""
 
     @staticmethod
-    def forward(ctx, x_n, W_enc, b_enc, b_pre, k_top, sorted_, dead_idx, k_aux):
+    def forward(ctx, x_n, W_enc, b_enc, b_pre, k_top, dead_idx, k_aux, scratch):
         ctx.set_materialize_grads(False)
         x_c = x_n - b_pre  # (B, d)
-        pre = torch.addmm(b_enc, x_c, W_enc.t())  # (B, n_latents), the only (B, n) buffer
-        # AuxK reads the same pre-activations: one encoder pass serves both losses.
-        codes = _topk_codes(pre, k_top, sorted_, dead_idx, k_aux)
-        vals, idx, aux_vals, aux_idx = (c.to(W_enc.dtype) if c.is_floating_point() else c for c in codes)
+        # AuxK reads the same pre-activations: one encoder pass serves both losses. When the
+        # dead latents' (B, n_dead) outweigh W_enc, the encoder's rows go dead latents first,
+        # so that theirs are pre's leading columns, for the price of copying W_enc; else a
+        # second, small matmul recomputes them. Either beats gathering scattered columns of
+        # pre (measured at d_model 128, 20% dead: a step 462 -> 306 ms).
+        n_dead, W, b = len(dead_idx), W_enc, b_enc
+        permute = k_aux and W_enc.numel() <= len(x_c) * n_dead
+        if permute:
+            live = torch.ones(len(W_enc), dtype=torch.bool, device=W_enc.device).index_fill_(0, dead_idx, False)
+            order = torch.cat([dead_idx, live.nonzero().squeeze(1)])
+            W, b = W_enc[order], b_enc[order]  # (n, d) copy
+        # The one dense matmul, then TopK; sorted: Multi-TopK's top k come first.
+        vals, idx, pre_dead = _preacts_topk(scratch, x_c, W, b, k_top, n_dead if permute else 0)
+        if permute:
+            idx = order[idx]
+        elif k_aux:
+            pre_dead = torch.addmm(b_enc[dead_idx], x_c, W_enc[dead_idx].t())
+        if k_aux:
+            aux_vals, aux_idx = _auxk_code(pre_dead, dead_idx, k_aux)
+        else:
+            aux_vals, aux_idx = pre_dead, dead_idx  # (B, 0)
+        vals, aux_vals = vals.relu().to(W_enc.dtype), aux_vals.to(W_enc.dtype)
         ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
@@ -401,41 +497,62 @@ class _SparseEncode(torch.autograd.Function):
     def backward(ctx, g_vals, _, g_aux, __):
         x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
         # The gradient w.r.t. the pre-activations at the selected entries, 0 where the
-        # ReLU clipped (B, K); AuxK's entries join the TopK ones in one sparse matrix.
+        # ReLU clipped or (in a block) the latent was not selected.
         codes = [(i, g * (v > 0)) for v, i, g in ((vals, idx, g_vals), (aux_vals, aux_idx, g_aux))
-                 if g is not None and i.shape[1] > 0]
+                 if g is not None and i.numel() > 0]
         if not codes:
             return (None,) * 8
-        S_t, _ = _codes_csr_t([i for i, _ in codes], [g for _, g in codes], W_enc.shape[0])
-        grad_W_enc = _spmm(S_t, x_c.repeat(len(codes), 1))  # (n_latents, d)
-        grad_b_enc = _spmm(S_t, x_c.new_ones(S_t.shape[1], 1)).squeeze(1)  # (n_latents,)
+        sparse = [(i, g) for i, g in codes if i.dim() == 2]
+        if sparse:  # AuxK's sparse entries join the TopK ones in one sparse matrix
+            S_t, _ = _codes_csr_t([i for i, _ in sparse], [g for _, g in sparse], W_enc.shape[0])
+            grad_W_enc = _spmm(S_t, x_c.repeat(len(sparse), 1))  # (n_latents, d)
+        else:
+            grad_W_enc = x_c.new_zeros(W_enc.shape)
+        grad_b_enc = x_c.new_zeros(W_enc.shape[0])  # (n_latents,)
+        for i, g in codes:
+            if i.dim() == 2:
+                grad_b_enc.index_add_(0, i.reshape(-1), g.reshape(-1))
+            else:  # a dense block over the latents i: (n_i, B) @ (B, d)
+                grad_W_enc.index_add_(0, i, g.t() @ x_c)
+                grad_b_enc.index_add_(0, i, g.sum(0))
         # [code] b_pre (encoder side): d pre / d b_pre = -W_enc, so one mat-vec.
         grad_b_pre = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
         return None, grad_W_enc, grad_b_enc, grad_b_pre, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """W_dec (n, d) and codes vals_0, idx_0, vals_1, idx_1, ... each (B, K_i) -> one
-    (B, d) per code, sum_j vals_i[:, j] W_dec[idx_i[:, j]], no bias. All of a step's codes
-    go through one call so that backward makes one W_dec gradient buffer."""
+    """W_dec (n, d) and codes vals_0, idx_0, vals_1, idx_1, ... -> one (B, d) per code,
+    sum_j vals_i[:, j] W_dec[idx_i[:, j]], no bias. A code is sparse, vals and idx (B, K),
+    or a dense block, vals (B, m) over the latents idx (m,). All of a step's codes go
+    through one call so that backward makes one W_dec gradient buffer."""
 
     @staticmethod
     def forward(ctx, W_dec, *codes):
         ctx.save_for_backward(W_dec, *codes)
-        return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum")
-                     for v, i in zip(codes[0::2], codes[1::2]))
+        with torch.autocast(W_dec.device.type, enabled=False):  # in W_dec's dtype, as the sparse codes
+            return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") if i.dim() == 2
+                         else v @ W_dec.index_select(0, i)
+                         for v, i in zip(codes[0::2], codes[1::2]))
 
     @staticmethod
     def backward(ctx, *grads):
         W_dec, *codes = ctx.saved_tensors
-        vals, idx = codes[0::2], codes[1::2]
-        S_t, order = _codes_csr_t(idx, vals, W_dec.shape[0])  # (n, n_codes * B)
-        G = torch.cat(grads)  # (n_codes * B, d), the output gradients stacked like S's rows
+        sparse = [(v, i, g) for v, i, g in zip(codes[0::2], codes[1::2], grads) if i.dim() == 2]
+        vals, idx, G = zip(*sparse)
+        S_t, order = _codes_csr_t(idx, vals, W_dec.shape[0])  # (n, n_sparse * B)
+        G = torch.cat(G)  # (n_sparse * B, d), the output gradients stacked like S's rows
         grad_W_dec = _spmm(S_t, G)  # (n, d)
         # vals: <W_dec[idx[b, j]], g[b]> at each entry, computed in S_t's latent order
         dots = torch.sparse.sampled_addmm(S_t, W_dec, G.t(), beta=0.0).values()
-        dots = torch.empty_like(dots).scatter_(0, order, dots).split([v.numel() for v in vals])
-        grad_codes = [x for d, v in zip(dots, vals) for x in (d.view_as(v), None)]
+        dots = iter(torch.empty_like(dots).scatter_(0, order, dots).split([v.numel() for v in vals]))
+        grad_codes = []
+        for v, i, g in zip(codes[0::2], codes[1::2], grads):
+            if i.dim() == 2:
+                grad_codes += [next(dots).view_as(v), None]
+            else:  # a dense block: (B, d) @ (d, m), and (m, B) @ (B, d) into the rows i
+                W_i = W_dec.index_select(0, i)
+                grad_W_dec.index_add_(0, i, v.t() @ g)
+                grad_codes += [g @ W_i.t(), None]
         return grad_W_dec, *grad_codes
 
 

@@ -1,10 +1,15 @@
 """Tests for sae.py: properties over random small shapes (hypothesis), the sparse fast path
-against the dense reference, init and decoder constraint, and two short training runs."""
+against the dense reference on each of its routes, init and decoder constraint, two short
+training runs, and a smoke run of bench.py."""
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sae import SAE, SAEConfig, fvu, geometric_median
+import bench
+import sae as sae_module
+from sae import SAE, SAEConfig, _topk, fvu, geometric_median
 
 FEW = settings(deadline=None, max_examples=15)
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
@@ -121,6 +126,50 @@ def test_fast_path_equals_dense_reference(setup, multi_topk, dead_frac):
             assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
         for name in gs[1]:
             assert_rel(gs[0][name], gs[1][name], tol)
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+@pytest.mark.parametrize("auxk_block_ratio", [0, 10**9])  # the AuxK code always sparse, always a block
+@pytest.mark.parametrize("dead_frac", [0.05, 0.3, 1.0])  # AuxK pre-activations by a second matmul; dead first
+@pytest.mark.parametrize("chunk", [1 << 22, 10_000])  # the encoder in one chunk; in chunks of 10 rows
+def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk, auxk_block_ratio, dead_frac,
+                                                         chunk):
+    """Shapes large enough for the two-stage TopK (n = 1000 leaves a tail of 1000 % 16 columns)
+    and for both ways of reading the dead latents' pre-activations."""
+    monkeypatch.setattr(sae_module, "_AUXK_BLOCK_RATIO", auxk_block_ratio)
+    monkeypatch.setattr(sae_module, "_CHUNK", chunk)
+    d, n, k, B = 8, 1000, 3, 64
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        sae, x = make(d, n, k, 0, dtype, multi_topk=multi_topk, k_aux=8), inputs(B, d, 0, 1.0, dtype)
+        outs, gs = [], []
+        for dense in (False, True):
+            sae.zero_grad(set_to_none=True)
+            outs.append(sae(x, dead_mask=dead, dense=dense))
+            outs[-1].loss.backward()
+            gs.append(grads(sae))
+        fast, ref = outs
+        assert fast.aux_loss > 0 and torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
+        for name in ("loss", "fvu", "aux_loss", "multi_loss", "vals", "x_hat"):
+            assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
+        for name in gs[1]:
+            assert_rel(gs[0][name], gs[1][name], tol)
+
+
+@FEW
+@given(st.integers(1, 6), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
+def test_two_stage_topk_equals_torch_topk(B, n, k, seed, ties):
+    """Values exactly torch.topk's, sorted; indices point at them, distinct (they may differ
+    from torch.topk's between ties). Also on a column slice, as the AuxK code uses it."""
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    wide = (torch.randint(0, 4, (B, n + 7), generator=g).double() if ties
+            else torch.randn(B, n + 7, generator=g, dtype=torch.float64))
+    for x in (wide[:, 7:].contiguous(), wide[:, :n]):
+        for block in (2, 3, 16):
+            vals, idx = _topk(x, k, block)
+            assert torch.equal(vals, x.topk(k, dim=1).values)
+            assert torch.equal(x.gather(1, idx), vals) and (idx.sort(1).values.diff(dim=1) > 0).all()
 
 
 # ---- losses ----
@@ -338,3 +387,16 @@ def test_auxk_revives_dead_latents(seed):
         fired = train(sae, F, n_active=3, steps=300, lr=3e-3, auxk=auxk, seed=seed)
         dead[auxk] = 1 - fired.float().mean().item()
     assert dead[True] <= 0.1 and dead[False] >= 0.3, dead
+
+
+# ---- bench.py ----
+
+def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
+    bench.main(["--quick", "--json", "--model", tiny_gpt_ckpt])
+    res = json.loads(capsys.readouterr().out)
+    r = res["shapes"][0]
+    assert set(r["ms"]) == set(r["tokens_per_s"]) == {"mm", "mm_topk", "fast", "fast0", "dense"}
+    assert all(r[key] > 0 for key in ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_dense"))
+    assert "memory_gb" in r  # None off Linux
+    assert res["activations"]["tokens_per_s"] > 0
+    assert 0 < res["train"]["useful_share"] <= 1 and res["train"]["tokens_per_s"] > 0

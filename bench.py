@@ -1,0 +1,321 @@
+"""
+bench.py: how close a TopK SAE training step comes to the hardware's floor.
+
+    python bench.py                                  # the default grid on this machine, as a table
+    python bench.py --device cuda --json             # on a GPU (bf16 autocast, TF32), as JSON
+    python bench.py --shapes 768,32768,32,2048       # only these (d_model,n_latents,k,batch) shapes
+    python bench.py --quick                          # a tiny grid in seconds (the smoke test)
+
+A TopK SAE must compute every pre-activation, the encoder matmul (batch x d_model x n_latents),
+so that matmul (then matmul + TopK) is the floor for a training step. For each shape this
+times, in one process, warm-up runs first, then the median of --runs timed runs, interleaved:
+  mm       the encoder matmul alone, into a reused buffer (fp32 on CPU, bf16 operands on CUDA)
+  mm+topk  the same, then torch.topk over its output
+  fast     a full training step as train.py runs it on the sparse fast path: forward with AuxK
+           over --dead_frac dead latents, backward, decoder-gradient projection, fused Adam,
+           decoder renormalization; fast0 is the same with no dead latents (no AuxK)
+  dense    the same step on sae.py's dense reference path (dense=True)
+and reports tokens/s, fast against mm, mm+topk and dense, and the fast step's peak memory
+against parameters + Adam state + one batch of pre-activations. With a subject model
+(--model) it also measures its activation generation (blocks up to train.py's default layer)
+and an end-to-end train.py run of the default configuration, with the share of the training
+loop spent in SAE steps or in the subject model's forward.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident set of this
+process (VmHWM in /proc/self/status, reset before each timed run by writing 5 to
+/proc/self/clear_refs) above the resident set before the shape's SAE was built: all memory
+the step touches, allocator slack included.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+
+# PyTorch's CPU allocator asks Linux for 2 MB pages for large tensors when this is set before
+# its first allocation: fewer page faults on each step's fresh gradient buffers (measured
+# here: a 100 MB buffer 57 -> 31 ms to fill, 25 when reused; a step at (768, 32768, 32,
+# 2048) about 4% faster). train.py runs the same way only if it sets this too.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch
+
+import gpt
+import train
+from sae import SAE, SAEConfig
+
+GRIDS = {  # (d_model, n_latents, k, batch)
+    # the issue's reference shape (GPT-2 small width), the default run, and a larger k
+    "cpu": [(768, 32768, 32, 2048), (128, 32768, 32, 4096), (768, 32768, 128, 2048)],
+    # GPT-2 small at 32k and 128k latents, GPT-2 XL width, and the default run
+    "cuda": [(768, 32768, 32, 4096), (768, 131072, 32, 4096), (1600, 131072, 64, 4096), (128, 32768, 32, 4096)],
+    "quick": [(32, 1024, 8, 256)],
+}
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def rss_kb(field):
+    """VmRSS or VmHWM of this process in kB, or None off Linux."""
+    try:
+        return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def reset_peak(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    except OSError:
+        pass
+
+
+def memory_now(device):
+    """Bytes in use now: CUDA tensors, or this process's resident set."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    kb = rss_kb("VmRSS")
+    return None if kb is None else kb * 1024
+
+
+def memory_peak(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    kb = rss_kb("VmHWM")
+    return None if kb is None else kb * 1024
+
+
+def time_all(fns, device, warmup, runs):
+    """{name: fn} -> {name: (median seconds, peak bytes)}, runs interleaved so that a change
+    in machine load hits every entry alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times, peaks = {name: [] for name in fns}, {name: 0 for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            sync(device)
+            reset_peak(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+            peaks[name] = max(peaks[name], memory_peak(device) or 0)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
+
+
+def bench_shape(d, n, k, B, args):
+    device, cuda = args.device, args.device.startswith("cuda")
+    torch.manual_seed(0)
+    x = torch.randn(B, d, device=device)
+    # the floor, with bf16 operands on CUDA as the autocast encoder matmul; random weights (its
+    # speed does not depend on them), made before the SAE so as not to count in its memory
+    mm_dtype = torch.bfloat16 if cuda else torch.float32
+    W, xc = torch.randn(n, d, device=device, dtype=mm_dtype), x.to(mm_dtype)
+    buf = torch.zeros(B, n, dtype=mm_dtype, device=device)  # zeros: its pages are resident before `base`
+    base = memory_now(device)
+    sae = SAE(SAEConfig(d_model=d, n_latents=n, k=k)).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True)  # as train.py
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < args.dead_frac
+    dead = dead.to(device)
+    no_dead = torch.zeros_like(dead)
+
+    def step(dead_mask, dense=False):
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+            out = sae(x, dead_mask=dead_mask, dense=dense)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.project_decoder_grad()
+        opt.step()
+        sae.normalize_decoder()
+
+    fns = {"mm": lambda: torch.mm(xc, W.t(), out=buf),
+           "mm_topk": lambda: torch.mm(xc, W.t(), out=buf).topk(k, dim=1),
+           "fast": lambda: step(dead),
+           "fast0": lambda: step(no_dead)}
+    if not args.no_dense:
+        fns["dense"] = lambda: step(dead, dense=True)
+    res = time_all(fns, device, args.warmup, args.runs)
+    del W, xc, buf
+    params = sum(p.numel() * p.element_size() for p in sae.parameters())
+    budget = 3 * params + B * n * torch.finfo(mm_dtype).bits // 8  # params + Adam's two moments + pre
+    ms = {name: 1e3 * t for name, (t, _) in res.items()}
+    r = {"d_model": d, "n_latents": n, "k": k, "batch": B, "k_aux": sae.cfg.k_aux, "n_dead": int(dead.sum()),
+         "ms": ms, "tokens_per_s": {name: B / t for name, (t, _) in res.items()},
+         "fast_over_mm": ms["mm"] / ms["fast"], "fast_over_mm_topk": ms["mm_topk"] / ms["fast"],
+         "fast0_over_mm": ms["mm"] / ms["fast0"],
+         "fast_over_dense": ms["dense"] / ms["fast"] if "dense" in ms else None,
+         "memory_gb": None}
+    if base is not None:
+        peak = {name: (p - base) / 2**30 for name, (_, p) in res.items()}
+        r["memory_gb"] = {"fast": peak["fast"], "dense": peak.get("dense"), "budget": budget / 2**30,
+                          "fast_over_budget": peak["fast"] * 2**30 / budget}
+    return r
+
+
+def bench_activations(model, args):
+    """tokens/s of the subject model up to train.py's default layer, as the activation stream runs it."""
+    layer = model.config.n_layer * 2 // 3
+    ctx_len = min(64, model.config.block_size)
+    contexts = torch.randint(model.config.vocab_size, (args.act_contexts, ctx_len), generator=torch.Generator().manual_seed(0))
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    fn = lambda: train.activations(model, contexts, layer, False, args.device, dtype)
+    t, _ = time_all({"acts": fn}, args.device, args.warmup, args.runs)["acts"]
+    return {"layer": layer, "tokens": args.act_contexts * (ctx_len - 1), "tokens_per_s": args.act_contexts * (ctx_len - 1) / t}
+
+
+def bench_train(args):
+    """train.py end to end on the default configuration (a --e2e_tokens run, no intermediate
+    checkpoints, activation chunks of --e2e_shuffle tokens so that a short run crosses several).
+    Instrumented from outside: SAE steps run from sae(x) in training mode to normalize_decoder,
+    the subject model's forward is train.activations; the rest of the training loop (context
+    sampling, shuffling, EMA, dead-latent counts, logging) is the pipeline's overhead."""
+    spans = {"step": [], "subject": []}
+    started = []
+    forward, normalize, activations = SAE.forward, SAE.normalize_decoder, train.activations
+
+    def timed_forward(self, *a, **kw):
+        if self.training:
+            started.append(time.perf_counter())
+        return forward(self, *a, **kw)
+
+    def timed_normalize(self, *a, **kw):
+        out = normalize(self, *a, **kw)
+        sync(args.device)
+        spans["step"].append((started[-1], time.perf_counter()))
+        return out
+
+    def timed_activations(*a, **kw):
+        t0 = time.perf_counter()
+        out = activations(*a, **kw)
+        sync(args.device)
+        spans["subject"].append((t0, time.perf_counter()))
+        return out
+
+    argv = ["--model", args.model, "--device", args.device, "--tokens", str(args.e2e_tokens),
+            "--shuffle_tokens", str(args.e2e_shuffle), "--ckpt_every", str(args.e2e_tokens),
+            "--eval_tokens", "4096", "--run", "bench"] + (QUICK_TRAIN if args.quick else [])
+    SAE.forward, SAE.normalize_decoder, train.activations = timed_forward, timed_normalize, timed_activations
+    try:
+        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            t0 = time.perf_counter()
+            ck = train.main(argv + ["--out_dir", out])
+            total = time.perf_counter() - t0
+    finally:
+        SAE.forward, SAE.normalize_decoder, train.activations = forward, normalize, activations
+    loop0, loop1 = spans["step"][0][0], spans["step"][-1][1]
+    inside = lambda kind: sum(b - a for a, b in spans[kind] if a >= loop0 and b <= loop1)
+    loop = loop1 - loop0
+    return {"argv": argv, "tokens_per_s": ck["metrics"]["tokens_per_s"], "dead_frac": ck["metrics"]["dead_frac"],
+            "total_s": total, "loop_s": loop,
+            "sae_step_s": inside("step"), "subject_forward_s": inside("subject"),
+            "useful_share": (inside("step") + inside("subject")) / loop}
+
+
+QUICK_TRAIN = ["--n_latents", "256", "--k", "4", "--batch_size", "256", "--ctx_len", "32"]
+
+
+def print_table(res):
+    print(f"device: {res['device']}; torch {res['torch']}; {res['threads']} threads; load average "
+          f"{res['load_avg'][0]:.1f} -> {res['load_avg'][1]:.1f}; dead latents {res['dead_frac']:.0%}; "
+          f"THP_MEM_ALLOC_ENABLE={res['thp']}")
+    head = ["d_model", "n", "k", "batch", "mm", "mm+topk", "fast", "fast0", "dense", "fast/mm", "fast/mm+topk",
+            "fast0/mm", "fast/dense", "mem GB", "mem/budget"]
+    print("tokens/s for mm ... dense; ratios of throughput; mem: fast step's peak")
+    print(" | ".join(head))
+    for r in res["shapes"]:
+        tps, mem = r["tokens_per_s"], r["memory_gb"] or {}
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)
+        print(" | ".join([str(r["d_model"]), str(r["n_latents"]), str(r["k"]), str(r["batch"])]
+                         + [f(tps.get(name), ",.0f") for name in ("mm", "mm_topk", "fast", "fast0", "dense")]
+                         + [f(r["fast_over_mm"], ".2f"), f(r["fast_over_mm_topk"], ".2f"), f(r["fast0_over_mm"], ".2f"),
+                            f(r["fast_over_dense"], ".1f"), f(mem.get("fast"), ".2f"), f(mem.get("fast_over_budget"), ".2f")]))
+    for name in ("activations", "train"):
+        if isinstance(res[name], str):
+            print(f"{name}: skipped ({res[name]})")
+    if isinstance(res["activations"], dict):
+        a = res["activations"]
+        print(f"activation generation (blocks 0..{a['layer']}): {a['tokens_per_s']:,.0f} tokens/s")
+    if isinstance(res["train"], dict):
+        t = res["train"]
+        print(f"train.py end to end ({' '.join(t['argv'])}): {t['tokens_per_s']:,} tokens/s; training loop "
+              f"{t['loop_s']:.1f} s, of which SAE steps {t['sae_step_s']:.1f} s and subject forward "
+              f"{t['subject_forward_s']:.1f} s = {t['useful_share']:.0%}; whole run {t['total_s']:.1f} s; "
+              f"{t['dead_frac']:.0%} dead at the end")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark the SAE training step against the encoder-matmul floor.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--shapes", nargs="+", metavar="D,N,K,B",
+                   help="shapes d_model,n_latents,k,batch; default: the device's grid (see GRIDS)")
+    p.add_argument("--quick", action="store_true", help="a tiny grid and a tiny train.py run: a smoke test in seconds")
+    p.add_argument("--dead_frac", type=float, default=0.05,
+                   help="fraction of latents marked dead for AuxK (the default run ends near 5%%)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement")
+    p.add_argument("--runs", type=int, default=3, help="timed runs of each measurement (the median is reported)")
+    p.add_argument("--no_dense", action="store_true", help="skip the dense reference step (slow at large shapes)")
+    p.add_argument("--model", default=gpt.DEFAULT_CKPT,
+                   help="subject model for the activation and train.py rows (as train.py --model); skipped if missing")
+    p.add_argument("--no_train", action="store_true", help="skip the activation and end-to-end train.py rows")
+    p.add_argument("--act_contexts", type=int, default=1024, help="contexts of 64 tokens per activation-generation run")
+    p.add_argument("--e2e_tokens", type=int, default=262144, help="training tokens of the end-to-end train.py run")
+    p.add_argument("--e2e_shuffle", type=int, default=65536, help="--shuffle_tokens of the end-to-end run")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.act_contexts, args.e2e_tokens, args.e2e_shuffle = 2, 16, 2048, 1024
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast (the AuxK block's)
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            name = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read()).group(1)
+        except (OSError, AttributeError):
+            pass
+    grid = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else GRIDS[grid]
+    load = os.getloadavg()[0]  # other work on the machine skews every timing: reported with them
+    res = {"device": f"{args.device} ({name})", "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "dead_frac": args.dead_frac, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+           "shapes": [bench_shape(*s, args) for s in shapes], "activations": None, "train": None}
+    if args.no_train:
+        res["activations"] = res["train"] = "--no_train"
+    else:
+        try:
+            model = gpt.load_subject_model(args.model)[0].to(args.device)
+        except gpt.UserError as e:
+            res["activations"] = res["train"] = f"no subject model: {e}"
+        else:
+            res["activations"] = bench_activations(model, args)
+            del model
+            res["train"] = bench_train(args)
+    res["load_avg"] = [load, os.getloadavg()[0]]  # 1-minute load average at the start and the end
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print_table(res)
+    return res
+
+
+if __name__ == "__main__":
+    gpt.run_cli(main)
