@@ -1010,6 +1010,14 @@ def power_law(x, fit):
     return fit["c"] + fit["a"] * np.asarray(x, dtype=np.float64) ** -fit["b"]
 
 
+def plot_power_law(ax, pts, fit, label):
+    """Points (n, L) as dots and, when fitted, their c + a n^-b curve in the same color."""
+    line = ax.plot(*zip(*pts), "o", label=label)[0]
+    if fit:
+        xs = np.geomspace(pts[0][0], pts[-1][0], 50)
+        ax.plot(xs, power_law(xs, fit), "-", color=line.get_color(), alpha=0.6)
+
+
 def fit_power_law(x, y):
     """paper §3.1: y = c + a x^-b, with a, c >= 0 (log-parameterized; c is the irreducible
     loss) and b free, least squares on log y: relative errors, so points orders of magnitude
@@ -1202,10 +1210,7 @@ def scaling(root, device="cpu"):
         out["L_n"][str(k)] = {"points": pts, "fit": fit}
         say(f"    {k:>5}" + "".join(f"{fvu_at.get((n, k), float('nan')):>10.4f}" for n in ns) +
             (f"{fit['a']:>10.3g}{fit['b']:>8.3f}{fit['c']:>8.4f}{fit['rmse_log']:>8.3f}" if fit else ""))
-        line = ax.plot(*zip(*pts), "o", label=f"k={k}")[0]
-        if fit:
-            xs = np.geomspace(pts[0][0], pts[-1][0], 50)
-            ax.plot(xs, power_law(xs, fit), "-", color=line.get_color(), alpha=0.6)
+        plot_power_law(ax, pts, fit, f"k={k}")
     ax.set(xscale="log", yscale="log", xlabel="latents n", ylabel="FVU", title="L(n) at fixed k, fits c + a n^-b")
     ax.legend()
     save(fig, "L_n")
@@ -1417,10 +1422,7 @@ def scaling(root, device="cpu"):
         out["subjects"].append({"model": model, "d_model": d, "ce_clean": rs[0]["m"]["ce_clean"], "points": pts, "fit": fit})
         say(f"    {name:<12} d_model {d:>5}  CE {rs[0]['m']['ce_clean']:.3f}  " + "  ".join(f"n={n}: {v:.4f}" for n, v in pts)
             + (f"  b {fit['b']:.3f}  c {fit['c']:.4f}" if fit else ""))
-        line = ax.plot(*zip(*pts), "o", label=f"{name} (d={d})")[0]
-        if fit:
-            xs = np.geomspace(pts[0][0], pts[-1][0], 50)
-            ax.plot(xs, power_law(xs, fit), "-", color=line.get_color(), alpha=0.6)
+        plot_power_law(ax, pts, fit, f"{name} (d={d})")
     ax.set(xscale="log", yscale="log", xlabel="latents n", ylabel="FVU", title="subject model size")
     ax.legend()
     save(fig, "subjects")

@@ -104,6 +104,14 @@ def test_auxk_gradients_only_reach_dead_latents(setup):
         assert (p.grad[~dead] == 0).all()
 
 
+def run_path(sae, x, dead, dense):
+    """One forward and backward on the fast or the dense path -> (SAEOutput, gradients)."""
+    sae.zero_grad(set_to_none=True)
+    out = sae(x, dead_mask=dead, dense=dense)
+    out.loss.backward()
+    return out, grads(sae)
+
+
 # ---- fast path == dense reference ----
 
 @FEW
@@ -114,18 +122,12 @@ def test_fast_path_equals_dense_reference(setup, multi_topk, dead_frac):
         sae = make(d, n, k, seed, dtype, multi_topk=multi_topk, k_aux=max(1, n // 3))
         x = inputs(B, d, seed, scale, dtype)
         dead = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < dead_frac
-        outs, gs = [], []
-        for dense in (False, True):
-            sae.zero_grad(set_to_none=True)
-            outs.append(sae(x, dead_mask=dead, dense=dense))
-            outs[-1].loss.backward()
-            gs.append(grads(sae))
-        fast, ref = outs
+        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
         assert torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
         for name in ("loss", "fvu", "aux_loss", "multi_loss", "l0", "vals", "x_hat"):
             assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
-        for name in gs[1]:
-            assert_rel(gs[0][name], gs[1][name], tol)
+        for name in g_ref:
+            assert_rel(g_fast[name], g_ref[name], tol)
 
 
 @pytest.mark.parametrize("multi_topk", [False, True])
@@ -142,18 +144,12 @@ def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk
     dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         sae, x = make(d, n, k, 0, dtype, multi_topk=multi_topk, k_aux=8), inputs(B, d, 0, 1.0, dtype)
-        outs, gs = [], []
-        for dense in (False, True):
-            sae.zero_grad(set_to_none=True)
-            outs.append(sae(x, dead_mask=dead, dense=dense))
-            outs[-1].loss.backward()
-            gs.append(grads(sae))
-        fast, ref = outs
+        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
         assert fast.aux_loss > 0 and torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
         for name in ("loss", "fvu", "aux_loss", "multi_loss", "vals", "x_hat"):
             assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
-        for name in gs[1]:
-            assert_rel(gs[0][name], gs[1][name], tol)
+        for name in g_ref:
+            assert_rel(g_fast[name], g_ref[name], tol)
 
 
 @FEW
