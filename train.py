@@ -3,7 +3,8 @@ train.py: train a sparse autoencoder on a language model's residual stream.
 
     python train.py --n_latents 32768 --k 32          # the default: bundled char-level Shakespeare GPT
     python train.py --model gpt2 --layer 8 --n_latents 32768 --k 32 --tokens 200_000_000   # on a GPU
-    torchrun --nproc_per_node=8 train.py --model gpt2 --layer 8 ...   # data-parallel on 8 GPUs
+    torchrun --nproc_per_node=8 train.py -- --model gpt2 --layer 8 ...   # data-parallel on 8 GPUs
+    python train.py --sweep default    # the scaling-law study (paper §3); then python evals.py --scaling out/sweep_default
 
 Pipeline, top to bottom: the subject model and its text (gpt.py) -> an activation stream
 (residuals after block `layer`, generated in chunks or read from an on-disk cache, shuffled
