@@ -175,24 +175,28 @@ class SAE(nn.Module):
         vals, idx, x_hat, x_hat_multi, e_hat = recon(x_n, k_top, dead_idx, k_aux)
 
         main = fvu(x_n, x_hat)
-        loss = main
         multi = zero
         if cfg.multi_topk:  # paper §5.3 [recalled]: L(k) + L(4k) / 8, for progressive codes
             multi = fvu(x_n, x_hat_multi)
-            loss = loss + multi / 8
         aux = zero
         if k_aux > 0:
             # paper §2.4, App. A.2 [recalled]: the top-k_aux dead latents model the detached
             # residual e, with no b_pre; normalized like the main loss and zeroed if NaN [code].
             e = (x_n - x_hat).detach()
             aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
-            loss = loss + cfg.auxk_coef * aux
+        loss = self.total_loss(main, multi, aux, zero)
         vals, idx = vals[:, :cfg.k].detach(), idx[:, :cfg.k]
         fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=idx.device)
         fired[idx[vals > 0]] = True
         return SAEOutput(loss, main, aux, multi, zero,
                          (vals > 0).sum(1).float().mean(), vals, idx, fired,
                          self.denormalize(x_hat.detach(), mu, scale))
+
+    def total_loss(self, fvu_k, fvu_4k, aux, l1, w_x=1.0, w_e=1.0):
+        """The training loss from its terms: FVU + FVU(4k) / 8 (Multi-TopK) + auxk_coef * AuxK
+        + l1_coef * L1 (ReLU baseline). w_x, w_e rescale the terms normalized by the input's
+        and the residual's variance (train.py's data-parallel loss uses them)."""
+        return w_x * (fvu_k + fvu_4k / 8) + self.cfg.auxk_coef * w_e * aux + self.cfg.l1_coef * l1
 
     def _forward_relu(self, x_n, mu, scale, zero):
         z = self.preacts(x_n).relu()  # (B, n_latents), the dense ReLU code
@@ -202,7 +206,7 @@ class SAE(nn.Module):
         # rows cannot lower it; mean over the batch of sum_i z_i ||W_dec_i||.
         l1 = (z @ self.W_dec.norm(dim=1)).mean()
         idx = torch.arange(self.cfg.n_latents, device=z.device).expand_as(z)
-        return SAEOutput(main + self.cfg.l1_coef * l1, main, zero, zero, l1,
+        return SAEOutput(self.total_loss(main, zero, zero, l1), main, zero, zero, l1,
                          (z > 0).sum(1).float().mean(), z.detach(), idx, (z > 0).any(0),
                          self.denormalize(x_hat.detach(), mu, scale))
 

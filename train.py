@@ -369,11 +369,11 @@ def step_loss(sae, x, out):
     gradient is not the gradient of the loss on the global batch, the one a single process
     reading every shard sees (a rank's variance differs from the global one by a few percent).
     Weighting each FVU term by world * (rank variance) / (global variance) makes it that gradient,
-    up to rounding. The terms mirror SAE.forward's loss."""
+    up to rounding, through SAE.total_loss."""
     if not dist.is_initialized():
         logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
         return out.loss, logged, bool(torch.isfinite(out.loss))
-    cfg, world = sae.cfg, dist.get_world_size()
+    world = dist.get_world_size()
     with torch.no_grad():
         x_n, mu, scale = sae.normalize_input(x)
         e = x_n - (out.x_hat - mu) / scale  # the residual AuxK models
@@ -389,9 +389,9 @@ def step_loss(sae, x, out):
         var_e_all = (sq_e - stats[d:2 * d].square().sum() / n).clamp_min(1e-30)  # 0 when reconstruction is exact
         w_x, w_e = (world * var_x / var_x_all).float(), (world * var_e / var_e_all).float()
         fvu_all, aux_all = sse / var_x_all, sse_aux / var_e_all
-        logged = torch.stack([fvu_all + sse_multi / var_x_all / 8 + cfg.auxk_coef * aux_all + cfg.l1_coef * l1 / world,
+        logged = torch.stack([sae.total_loss(fvu_all, sse_multi / var_x_all, aux_all, l1 / world),
                               fvu_all, aux_all, l0 / world]).float()
-    loss = w_x * (out.fvu + out.multi_loss / 8) + cfg.auxk_coef * w_e * out.aux_loss + cfg.l1_coef * out.l1
+    loss = sae.total_loss(out.fvu, out.multi_loss, out.aux_loss, out.l1, w_x, w_e)
     return loss, logged, bool(torch.isfinite(loss_sum))
 
 
