@@ -105,13 +105,13 @@ def load(path, raw=False, device="cpu", import_flags=None):
     fix = f"restore it, or retrain the SAE: python train.py --model {subject['model']}"
     if subject["sha256"] and not os.path.isfile(weights):  # no sha256: an import's --model, nothing to check
         raise UserError(f"{path}: its subject model {weights} is missing; {fix}")
-    if subject["sha256"] and gpt.file_sha256(weights) != subject["sha256"]:
-        raise UserError(f"{path}: subject model {weights} is not the one the SAE was trained on "
-                        f"(sha256 differs from {subject['sha256'][:12]}...); {fix}")
     if not os.path.isfile(data):
         raise UserError(f"{path}: its training text {data} is missing; restore it to evaluate on its held-out split")
     pretrained = subject["model"] in gpt.GPT.PRETRAINED
-    model, tok, _ = gpt.load_subject_model(subject["model"] if pretrained else weights, weights if pretrained else None)
+    model, tok, ref = gpt.load_subject_model(subject["model"] if pretrained else weights, weights if pretrained else None)
+    if subject["sha256"] and ref["sha256"] != subject["sha256"]:  # hashed once, by load_subject_model
+        raise UserError(f"{path}: subject model {weights} is not the one the SAE was trained on "
+                        f"(sha256 differs from {subject['sha256'][:12]}...); {fix}")
     if model.config.n_embd != sae.cfg.d_model:
         raise UserError(f"{path}: SAE d_model {sae.cfg.d_model} != subject model width {model.config.n_embd}")
     if subject["ctx_len"] > model.config.block_size:
