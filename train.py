@@ -58,7 +58,7 @@ class TrainConfig:
     lr: float = 0.0                 # 0: 2e-4 / sqrt(n_latents / 2^14)
     ema_decay: float = 0.999
     grad_clip: float = 0.0          # 0: off
-    dead_tokens: int = 0            # 0: min(10M, tokens // 10)
+    dead_tokens: int = 0            # 0: min(10M, tokens // 4)
     shuffle_tokens: int = 1 << 18
     seed: int = 0
     shards: int = 0                 # data shards, read in parallel by the processes; 0: one per process
@@ -78,9 +78,12 @@ class TrainConfig:
         if not self.lr:
             self.lr = 2e-4 / math.sqrt(self.n_latents / 2 ** 14)  # [code + peers], paper Fig. 3
         if not self.dead_tokens:
-            # The paper's 10M tokens, capped at a tenth of the run: a short run would otherwise
-            # never call anything dead, and AuxK would never start.
-            self.dead_tokens = min(10_000_000, max(self.batch_size, self.tokens // 10))
+            # The paper's 10M tokens, capped at a quarter of the run so that AuxK can start in a
+            # short one. Not shorter: a rare latent of a short run (n 32768, k 32: 4 firings per
+            # latent per 4096-token step on average) can go 100 steps without firing and still
+            # be alive; AuxK then pushes its pre-activations down and kills it (README: dead
+            # latents). With a tenth, the default run ended 10.9% dead; with a quarter, see README.
+            self.dead_tokens = min(10_000_000, max(self.batch_size, self.tokens // 4))
         if not self.ckpt_every:
             self.ckpt_every = max(self.batch_size, self.tokens // 10)
         if not self.shards:
@@ -558,9 +561,9 @@ def load_sae(path, ema=True):
 # Each grid point is an ordinary run directory, named by its settings, in OUT_DIR/sweep_NAME/
 # (extra subject models in OUT_DIR/sweep_NAME/gpt_*/), all runs of a subject model reading one
 # activation cache. Every run trains on `tokens` tokens except the token ladder, and all share
-# dead_tokens = tokens / 10: with the same seed, data order and constant learning rate, the run
-# with tokens / 4 is exactly the first quarter of the full run, so the ladder doubles as the
-# full run's intermediate checkpoints ("along training", paper §4).
+# dead_tokens = tokens / 4 (the full run's default): with the same seed, data order and constant
+# learning rate, the run with tokens / 4 is exactly the first quarter of the full run, so the
+# ladder doubles as the full run's intermediate checkpoints ("along training", paper §4).
 SWEEPS = {
     # The bundled char GPT (d_model 128) on 2 CPU cores: 48 runs and two small GPTs, about 45
     # minutes estimated from measured step costs, pretraining out/gpt/ckpt.pt (5) included.
@@ -677,7 +680,7 @@ def sweep(name, out_dir="out", overrides=None):
             print(f"[{i + 1}/{len(runs)}] {r['dir']}: done, skipped")
             continue
         argv = ["--model", r["model"], "--out_dir", home, "--run", r["run"], "--n_latents", str(r["n"]),
-                "--tokens", str(r["tokens"]), "--dead_tokens", str(s["tokens"] // 10), *s["train"],
+                "--tokens", str(r["tokens"]), "--dead_tokens", str(s["tokens"] // 4), *s["train"],
                 *flags(("data", "device", "dtype", "seed"))]
         argv += ["--cache", os.path.join(home, "cache")] if s["cache"] else []
         argv += flags(("model_path", "layer")) if r["model"] == main_model else []
@@ -720,7 +723,7 @@ HELP = {
     "lr": "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14)",
     "ema_decay": "decay of the weight EMA that is evaluated and saved (paper: 0.999)",
     "grad_clip": "clip the gradient norm to this; 0 is off",
-    "dead_tokens": "a latent is dead after this many tokens without firing; 0 means min(10M, tokens/10)",
+    "dead_tokens": "a latent is dead after this many tokens without firing; 0 means min(10M, tokens/4)",
     "shuffle_tokens": "activations generated per chunk and shuffled together (rounded to a multiple of --batch_size)",
     "seed": "random seed (SAE init, contexts, shuffling)",
     "shards": "independent data shards; each process generates or reads its own share, so a run with the same --shards gives the same batches on any number of processes; 0 means one per process",
