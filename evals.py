@@ -329,15 +329,30 @@ def reconstruction(sae, data):
 def latent_activity(sae, data):
     """Firing rate f_i = #{tokens with z_i > 0} / #tokens over the evaluated tokens. Dead: f_i = 0
     (the paper's criterion is 10M training tokens, §2.4: on a smaller sample more latents look
-    dead). Dense: f_i > 1% and > 10%. Histogram of log10 f_i over the live latents."""
+    dead). Dense: f_i > 1% and > 10%. Histogram of log10 f_i over the live latents. For a TopK
+    SAE, how far the dead are from firing: the median over dead latents of their largest
+    pre-activation, against the median over tokens of the k-th largest (the TopK threshold)."""
     vals, idx = data.code(own_k(sae))
     freq = torch.bincount(idx[vals > 0], minlength=sae.cfg.n_latents).double().cpu() / len(vals)  # (n_latents,)
     live = freq[freq > 0].log10().numpy()
     counts, edges = np.histogram(live, bins=50) if len(live) else (np.zeros(0), np.zeros(0))
-    return {"dead_frac": (freq == 0).double().mean().item(), "dense_1pct_frac": (freq > 0.01).double().mean().item(),
+    dead = freq == 0
+    margin = {}
+    if sae.cfg.activation == "topk" and dead.any():
+        margin = {"dead_max_preact_median": max_preacts(sae, data.x_n)[dead.to(sae.b_enc.device)].median().item(),
+                  "topk_threshold_median": vals[:, -1].median().item()}
+    return {"dead_frac": dead.double().mean().item(), "dense_1pct_frac": (freq > 0.01).double().mean().item(),
             "dense_10pct_frac": (freq > 0.1).double().mean().item(), "tokens": len(vals),
             "median_log10_freq_live": float(np.median(live)) if len(live) else None,
-            "log10_freq_hist": {"counts": counts.tolist(), "edges": edges.tolist()}}
+            "log10_freq_hist": {"counts": counts.tolist(), "edges": edges.tolist()}, **margin}
+
+
+@torch.no_grad()
+def max_preacts(sae, x_n):
+    """(n_latents,) each latent's largest pre-activation over the rows of x_n (N, d), in chunks
+    of 128 MiB of pre-activations."""
+    rows = max(1, 2 ** 25 // sae.cfg.n_latents)
+    return torch.stack([sae.preacts(x_n[i:i + rows]).max(0).values for i in range(0, len(x_n), rows)]).max(0).values
 
 
 # -----------------------------------------------------------------------------
@@ -827,6 +842,9 @@ def report(res, meta):
         row(f"dead (no fire in {r['tokens']:,} tokens)", f(r["dead_frac"], ".2%"))
         row("dense: firing on > 1% / > 10% of tokens", f"{f(r['dense_1pct_frac'], '.2%')} / {f(r['dense_10pct_frac'], '.2%')}")
         row("median log10 firing rate (live latents)", f(r["median_log10_freq_live"], ".2f"))
+        if "dead_max_preact_median" in r:
+            row("dead: median largest pre-activation / TopK threshold",
+                f"{f(r['dead_max_preact_median'])} / {f(r['topk_threshold_median'])}")
     if "downstream" in res:
         r = res["downstream"]
         lines.append("3. Downstream loss (§4.1), nats per token")

@@ -93,11 +93,17 @@ def test_latent_activity_counts():
     vals[:, 0], idx[:, 0] = 1.0, 0
     vals[:5, 1], idx[:5, 1] = 1.0, 1
     vals[5, 1], idx[5, 1] = 2.0, 2
-    data = evals.Heldout(**{f.name: None for f in dataclasses.fields(evals.Heldout)} | {"vals": vals, "idx": idx})
+    with torch.no_grad():  # pre-activations b_enc_i = -i / 10 on every token, whatever the input
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(-torch.arange(10) / 10)
+    data = evals.Heldout(**{f.name: None for f in dataclasses.fields(evals.Heldout)} |
+                         {"vals": vals, "idx": idx, "x_n": torch.randn(100, 4)})
     r = evals.latent_activity(sae, data)
     assert r["dead_frac"] == pytest.approx(0.7)
     assert r["dense_1pct_frac"] == pytest.approx(0.2) and r["dense_10pct_frac"] == pytest.approx(0.1)
     assert sum(r["log10_freq_hist"]["counts"]) == 3
+    # dead latents 3..9 peak at -0.3..-0.9 (median -0.6); the 2nd-largest code value is 0 on 94 tokens
+    assert r["dead_max_preact_median"] == pytest.approx(-0.6) and r["topk_threshold_median"] == 0
 
 
 # ---- 4. probe loss -----------------------------------------------------------------
