@@ -1167,6 +1167,7 @@ def load_sweep(root):
             continue
         log = [json.loads(line) for line in open(os.path.join(root, r["dir"], "log.jsonl"))]
         runs.append({**r, "path": ckpt, "d": ck["subject"]["d_model"], "m": ck["metrics"],
+                     "dead_tokens": ck["train_config"]["dead_tokens"],
                      "curve": (np.array([x["tokens"] for x in log], dtype=np.float64), np.array([x["fvu"] for x in log]))})
     print(f"{root}: {len(runs)} of {len(manifest['runs'])} runs finished")
     return manifest, runs
@@ -1407,7 +1408,8 @@ def scaling(root, device="cpu"):
     save(fig, "features")
 
     # 7. dead latents against n, with and without AuxK and the init tricks (paper §2.4)
-    say(f"\n7. Dead latents (no fire in the last {T // 10:,} training tokens) at k = {k_main}")
+    windows = ", ".join(f"{t:,}" for t in sorted({r["dead_tokens"] for r in full}))
+    say(f"\n7. Dead latents (no fire in the last {windows} training tokens) at k = {k_main}")
     settings = (("AuxK + init tricks", True, True), ("no AuxK", False, True), ("no AuxK, no init tricks", False, False))
     say(f"    {'':26}" + "".join(f"{'n=' + str(n):>10}" for n in s["n_dead"]))
     out["dead"] = {}
