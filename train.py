@@ -86,8 +86,9 @@ class TrainConfig:
             # The paper's 10M tokens, capped at a quarter of the run so that AuxK can start in a
             # short one. Not shorter: a rare latent of a short run (n 32768, k 32: 4 firings per
             # latent per 4096-token step on average) can go 100 steps without firing and still
-            # be alive; AuxK then pushes its pre-activations down and kills it (README: dead
-            # latents). With a tenth, the default run ended 10.9% dead; with a quarter, see README.
+            # be alive; AuxK then trains its activations to the residual's smaller scale, below
+            # the TopK threshold, and it stops firing (README: "Dead latents and AuxK"). With a
+            # tenth, the default run ended 10.9% dead; with a quarter, 0.12%.
             self.dead_tokens = min(10_000_000, max(self.batch_size, self.tokens // 4))
         if not self.ckpt_every:
             self.ckpt_every = max(self.batch_size, self.tokens // 10)
