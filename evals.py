@@ -843,7 +843,7 @@ def report(res, meta):
         row("dense: firing on > 1% / > 10% of tokens", f"{f(r['dense_1pct_frac'], '.2%')} / {f(r['dense_10pct_frac'], '.2%')}")
         row("median log10 firing rate (live latents)", f(r["median_log10_freq_live"], ".2f"))
         if "dead_max_preact_median" in r:
-            row("dead: median largest pre-activation / TopK threshold",
+            row("dead: median peak pre-activation / TopK threshold",
                 f"{f(r['dead_max_preact_median'])} / {f(r['topk_threshold_median'])}")
     if "downstream" in res:
         r = res["downstream"]
@@ -1210,6 +1210,8 @@ def scaling(root, device="cpu"):
     f4 = lambda x: "n/a" if x is None else f"{x:.4f}"
 
     def save(fig, name):
+        for ax in fig.axes:  # label decades only: minor-tick labels of short log axes overlap
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         plots.append(os.path.join(root, f"scaling_{name}.png"))
         fig.savefig(plots[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
