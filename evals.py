@@ -135,6 +135,7 @@ class Heldout:
     scale: torch.Tensor
     vals: torch.Tensor     # (N, K) code values sorted descending, ReLU'd, K >= 4k: a prefix of
     idx: torch.Tensor      # length k' is the TopK(k') code (paper §5.3); (N, K) latent ids
+    peak: torch.Tensor     # (n_latents,) each latent's largest pre-activation over the N tokens
 
     def code(self, k=None):
         """(vals, idx) of the TopK(k) code; k=None: the SAE's own code (all of a ReLU SAE's)."""
@@ -167,20 +168,22 @@ def heldout(model, sae, val_ids, layer, ctx_len, include_first, n_tokens, k_max)
     rows = max(1, 2 ** 25 // sae.cfg.n_latents)  # (rows, n_latents) pre-activations: 128 MiB at a time
     codes = [encode_sorted(sae, x_n[i:i + rows], k_max)
              for i in tqdm(range(0, len(x_n), rows), desc="encode", unit="chunk", leave=False)]
-    K = max(v.shape[1] for v, _ in codes)  # a ReLU code's width varies by chunk: pad with zeros
-    vals = torch.cat([F.pad(v, (0, K - v.shape[1])) for v, _ in codes])
-    idx = torch.cat([F.pad(i, (0, K - i.shape[1])) for _, i in codes])
-    return Heldout(windows, starts, len(val_ids), first, h, x, x_n, mu, scale, vals, idx)
+    K = max(v.shape[1] for v, _, _ in codes)  # a ReLU code's width varies by chunk: pad with zeros
+    vals = torch.cat([F.pad(v, (0, K - v.shape[1])) for v, _, _ in codes])
+    idx = torch.cat([F.pad(i, (0, K - i.shape[1])) for _, i, _ in codes])
+    peak = torch.stack([p for _, _, p in codes]).max(0).values
+    return Heldout(windows, starts, len(val_ids), first, h, x, x_n, mu, scale, vals, idx, peak)
 
 
 def encode_sorted(sae, x_n, k_max):
-    """Normalized (B, d) -> (vals, idx) (B, K) sorted descending and ReLU'd. TopK SAE: K = k_max;
-    ReLU SAE: every positive pre-activation (TopK(k') on it is again a prefix)."""
+    """Normalized (B, d) -> (vals, idx) (B, K) sorted descending and ReLU'd, and each latent's
+    largest pre-activation (n_latents,). TopK SAE: K = k_max; ReLU SAE: every positive
+    pre-activation (TopK(k') on it is again a prefix)."""
     pre = sae.preacts(x_n)  # (B, n_latents)
     if sae.cfg.activation == "relu":
         k_max = max(1, int((pre > 0).sum(1).max()))
     vals, idx = pre.topk(min(k_max, pre.shape[1]), dim=1, sorted=True)
-    return vals.relu(), idx
+    return vals.relu(), idx, pre.max(0).values
 
 
 def reconstruct(sae, data, k=None):
@@ -339,20 +342,12 @@ def latent_activity(sae, data):
     dead = freq == 0
     margin = {}
     if sae.cfg.activation == "topk" and dead.any():
-        margin = {"dead_max_preact_median": max_preacts(sae, data.x_n)[dead.to(sae.b_enc.device)].median().item(),
+        margin = {"dead_peak_preact_median": data.peak[dead.to(data.peak.device)].median().item(),
                   "topk_threshold_median": vals[:, -1].median().item()}
     return {"dead_frac": dead.double().mean().item(), "dense_1pct_frac": (freq > 0.01).double().mean().item(),
             "dense_10pct_frac": (freq > 0.1).double().mean().item(), "tokens": len(vals),
             "median_log10_freq_live": float(np.median(live)) if len(live) else None,
             "log10_freq_hist": {"counts": counts.tolist(), "edges": edges.tolist()}, **margin}
-
-
-@torch.no_grad()
-def max_preacts(sae, x_n):
-    """(n_latents,) each latent's largest pre-activation over the rows of x_n (N, d), in chunks
-    of 128 MiB of pre-activations."""
-    rows = max(1, 2 ** 25 // sae.cfg.n_latents)
-    return torch.stack([sae.preacts(x_n[i:i + rows]).max(0).values for i in range(0, len(x_n), rows)]).max(0).values
 
 
 # -----------------------------------------------------------------------------
@@ -842,9 +837,9 @@ def report(res, meta):
         row(f"dead (no fire in {r['tokens']:,} tokens)", f(r["dead_frac"], ".2%"))
         row("dense: firing on > 1% / > 10% of tokens", f"{f(r['dense_1pct_frac'], '.2%')} / {f(r['dense_10pct_frac'], '.2%')}")
         row("median log10 firing rate (live latents)", f(r["median_log10_freq_live"], ".2f"))
-        if "dead_max_preact_median" in r:
+        if "dead_peak_preact_median" in r:
             row("dead: median peak pre-activation / TopK threshold",
-                f"{f(r['dead_max_preact_median'])} / {f(r['topk_threshold_median'])}")
+                f"{f(r['dead_peak_preact_median'])} / {f(r['topk_threshold_median'])}")
     if "downstream" in res:
         r = res["downstream"]
         lines.append("3. Downstream loss (§4.1), nats per token")

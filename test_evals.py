@@ -77,6 +77,7 @@ def test_heldout_windows_and_codes_match_train_and_sae(tiny_sae_ckpt):
     torch.testing.assert_close(data.windows, train.heldout_windows(val_ids, ctx, 1024, inc))
     assert (data.windows[:, :-1].reshape(-1)[:5].numpy() == val_ids[data.starts[0]:data.starts[0] + 5]).all()
     assert data.positions()[0] == data.starts[0] + data.first
+    torch.testing.assert_close(data.peak, sae.preacts(data.x_n).max(0).values)
     # a prefix of the sorted 4k-wide code is the test-time TopK(k') code (paper §5.3)
     for k in (1, 2, sae.cfg.k, 4 * sae.cfg.k):
         torch.testing.assert_close(evals.reconstruct(sae, data, k)[1], sae.reconstruct(data.x, k), atol=1e-5, rtol=1e-5)
@@ -93,17 +94,15 @@ def test_latent_activity_counts():
     vals[:, 0], idx[:, 0] = 1.0, 0
     vals[:5, 1], idx[:5, 1] = 1.0, 1
     vals[5, 1], idx[5, 1] = 2.0, 2
-    with torch.no_grad():  # pre-activations b_enc_i = -i / 10 on every token, whatever the input
-        sae.W_enc.zero_()
-        sae.b_enc.copy_(-torch.arange(10) / 10)
+    peak = -torch.arange(10) / 10  # each latent's largest pre-activation: 0, -0.1, ..., -0.9
     data = evals.Heldout(**{f.name: None for f in dataclasses.fields(evals.Heldout)} |
-                         {"vals": vals, "idx": idx, "x_n": torch.randn(100, 4)})
+                         {"vals": vals, "idx": idx, "peak": peak})
     r = evals.latent_activity(sae, data)
     assert r["dead_frac"] == pytest.approx(0.7)
     assert r["dense_1pct_frac"] == pytest.approx(0.2) and r["dense_10pct_frac"] == pytest.approx(0.1)
     assert sum(r["log10_freq_hist"]["counts"]) == 3
     # dead latents 3..9 peak at -0.3..-0.9 (median -0.6); the 2nd-largest code value is 0 on 94 tokens
-    assert r["dead_max_preact_median"] == pytest.approx(-0.6) and r["topk_threshold_median"] == 0
+    assert r["dead_peak_preact_median"] == pytest.approx(-0.6) and r["topk_threshold_median"] == 0
 
 
 # ---- 4. probe loss -----------------------------------------------------------------
