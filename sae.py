@@ -81,7 +81,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         # paper App. A.1: decoder rows are random unit directions; paper §2.4 [recalled]: the
         # encoder starts as the decoder's transpose (same rows in this storage; a copy, not
-        # tied). [code] then rescales the encoder, which it found no clear benefit for: skipped.
+        # tied). [code] then rescales the encoder: init_encoder_scale, called after init_b_pre.
         W_dec = F.normalize(torch.randn(cfg.n_latents, cfg.d_model), dim=1)
         self.W_dec = nn.Parameter(W_dec)  # (n_latents, d_model)
         self.W_enc = nn.Parameter(W_dec.clone())  # (n_latents, d_model)
