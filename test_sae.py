@@ -134,12 +134,14 @@ def test_fast_path_equals_dense_reference(setup, multi_topk, dead_frac):
 @pytest.mark.parametrize("auxk_block_ratio", [0, 10**9])  # the AuxK code always sparse, always a block
 @pytest.mark.parametrize("dead_frac", [0.05, 0.3, 1.0])  # AuxK pre-activations by a second matmul; dead first
 @pytest.mark.parametrize("chunk", [1 << 22, 10_000])  # the encoder in one chunk; in chunks of 10 rows
+@pytest.mark.parametrize("dense_backward", [False, True])  # the CPU's CSR kernels; CUDA's dense matmuls
 def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk, auxk_block_ratio, dead_frac,
-                                                         chunk):
+                                                         chunk, dense_backward):
     """Shapes large enough for the two-stage TopK (n = 1000 leaves a tail of 1000 % 16 columns)
-    and for both ways of reading the dead latents' pre-activations."""
+    and for both ways of reading the dead latents' pre-activations; both backward kernels."""
     monkeypatch.setattr(sae_module, "_AUXK_BLOCK_RATIO", auxk_block_ratio)
     monkeypatch.setattr(sae_module, "_CHUNK", chunk)
+    monkeypatch.setattr(sae_module, "_dense_backward", lambda t: dense_backward)
     d, n, k, B = 8, 1000, 3, 64
     dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):

@@ -510,7 +510,7 @@ def train(c, resume=False):
         # paper §2.4: a latent is dead once it has not fired for dead_tokens tokens
         # (fired on any rank: the ranks agree on which latents are dead)
         tokens_since_fired += c.batch_size
-        tokens_since_fired[any_rank(out.fired)] = 0
+        tokens_since_fired.masked_fill_(any_rank(out.fired), 0)
         step += 1
         bar.update(c.batch_size)
         if main_rank and (step % c.log_every == 0 or step == total_steps):
