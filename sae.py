@@ -534,7 +534,7 @@ class _SparseEncode(torch.autograd.Function):
             for i, g in codes:
                 G.scatter_add_(1, i, g.to(G.dtype)) if i.dim() == 2 else G.index_add_(1, i, g.to(G.dtype))
             grad_W_enc = (G.t() @ x_c.to(G.dtype)).to(W_enc.dtype)  # (n_latents, d)
-            grad_b_enc = G.sum(0, dtype=W_enc.dtype)
+            del G
         else:
             sparse = [(i, g) for i, g in codes if i.dim() == 2]
             if sparse:  # AuxK's sparse entries join the TopK ones in one sparse matrix
@@ -542,13 +542,12 @@ class _SparseEncode(torch.autograd.Function):
                 grad_W_enc = _spmm(S_t, x_c.repeat(len(sparse), 1))  # (n_latents, d)
             else:
                 grad_W_enc = x_c.new_zeros(W_enc.shape)
-            grad_b_enc = x_c.new_zeros(W_enc.shape[0])  # (n_latents,)
             for i, g in codes:
-                if i.dim() == 2:
-                    grad_b_enc.index_add_(0, i.reshape(-1), g.reshape(-1))
-                else:  # a dense block over the latents i: (n_i, B) @ (B, d)
+                if i.dim() == 1:  # a dense block over the latents i: (n_i, B) @ (B, d)
                     grad_W_enc.index_add_(0, i, g.t() @ x_c)
-                    grad_b_enc.index_add_(0, i, g.sum(0))
+        grad_b_enc = x_c.new_zeros(W_enc.shape[0])  # (n_latents,)
+        for i, g in codes:
+            grad_b_enc.index_add_(0, i.reshape(-1), g.reshape(-1)) if i.dim() == 2 else grad_b_enc.index_add_(0, i, g.sum(0))
         # [code] b_pre (encoder side): d pre / d b_pre = -W_enc, so one mat-vec.
         grad_b_pre = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
         return None, grad_W_enc, grad_b_enc, grad_b_pre, None, None, None, None
