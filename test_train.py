@@ -37,19 +37,26 @@ def test_end_to_end_checkpoint(tiny_sae_ckpt, tiny_gpt_ckpt):
     assert not torch.equal(raw.W_enc, sae.W_enc)
 
 
-def test_auxk_flag(tiny_gpt_ckpt, tmp_path):
-    """AuxK switches on once latents die, and --no_auxk turns it off. (On this tiny model AuxK
-    does not lower the dead fraction; test_sae.py shows it reviving latents starved by a bad
-    init, and the README reports the measured effect on the default model.)"""
-    args = ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--n_latents", "512", "--k", "4",
-            "--tokens", "30000", "--batch_size", "512", "--ctx_len", "32", "--shuffle_tokens", "8192",
-            "--eval_tokens", "512", "--dead_tokens", "2048", "--log_every", "5"]
-    logs = {}
+def test_auxk_keeps_fewer_latents_dead(tmp_path):
+    """AuxK switches on once latents die, --no_auxk turns it off, and on the same tiny run AuxK
+    ends with fewer dead latents, in the one tiny regime where that holds (README, "Dead latents
+    and AuxK"). The subject is an untrained 2x32 GPT: the trained tiny one reads a 65-character
+    alphabet through 2 layers, so its activations sit in a few dozen clusters and most latents
+    have nothing to fire on (55-90% dead either way). At 9x the paper's learning rate latents
+    die from large updates, which AuxK repairs: seeds 0-2, 13-15% dead with AuxK, 18-20%
+    without. At the paper's rate the same run goes the other way, 7.2% vs 1.8% (4.4x: 10.7% vs
+    2.3%): with a short dead window AuxK retrains rare live latents to the small residual."""
+    gpt.main(["--preset", "tiny", "--iters", "1", "--out_dir", str(tmp_path / "gpt"), "--eval_windows", "4"])
+    args = ["--model", str(tmp_path / "gpt" / "ckpt.pt"), "--out_dir", str(tmp_path), "--n_latents", "512",
+            "--k", "4", "--lr", "1e-2", "--tokens", "100000", "--batch_size", "512", "--ctx_len", "32",
+            "--shuffle_tokens", "8192", "--eval_tokens", "2048", "--log_every", "10"]
+    logs, dead = {}, {}
     for name, extra in (("aux", []), ("noaux", ["--no_auxk"])):
-        train.main(args + ["--run", name] + extra)
+        dead[name] = train.main(args + ["--run", name] + extra)["metrics"]["dead_frac"]
         logs[name] = [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
     assert any(r["dead_frac"] > 0 and r["aux_loss"] > 0 for r in logs["aux"])
     assert any(r["dead_frac"] > 0 for r in logs["noaux"]) and all(r["aux_loss"] == 0 for r in logs["noaux"])
+    assert dead["aux"] < dead["noaux"] - 0.02, dead
 
 
 def test_cache_gives_same_batches(tiny_gpt_ckpt, tmp_path):
