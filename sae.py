@@ -412,9 +412,10 @@ def _dense_backward(t):
     """Whether the backward kernels below go through dense (B, n_latents) matrices and
     matmuls instead of CSR ones: on CUDA. There a step is bound by kernel launches and host
     syncs, not arithmetic (the CSR path's sort, bincount and cuSPARSE calls: measured on an
-    H200 at (768, 32768, 32, 4096), ~200 kernels and 8 ms a step for 4 ms of GPU work),
-    and a (B, n) x (B, d) matmul costs about what the forward's does (0.4 ms in bf16). On
-    CPU the matmuls would cost B * n * d each (~0.8 s at that shape), the CSR ones B * k * d."""
+    H200 at (768, 32768, 32, 4096): ~200 kernels and 6.8 ms a step for 4 ms of GPU work;
+    6.1 ms this way), and a (B, n) x (B, d) matmul costs about what the forward's does
+    (0.4 ms in bf16). On CPU the matmuls would cost B * n * d each (~0.5 s at that shape on
+    2 cores), the CSR ones B * k * d."""
     return t.device.type == "cuda"
 
 
@@ -532,7 +533,10 @@ class _SparseEncode(torch.autograd.Function):
             # a dead latent in a token's TopK and AuxK codes gets both gradients.
             G = x_c.new_zeros(len(x_c), len(W_enc), dtype=ctx.mm_dtype)
             for i, g in codes:
-                G.scatter_add_(1, i, g.to(G.dtype)) if i.dim() == 2 else G.index_add_(1, i, g.to(G.dtype))
+                if i.dim() == 2:
+                    G.scatter_add_(1, i, g.to(G.dtype))
+                else:  # a dense block: its columns i
+                    G.index_add_(1, i, g.to(G.dtype))
             grad_W_enc = (G.t() @ x_c.to(G.dtype)).to(W_enc.dtype)  # (n_latents, d)
             del G
         else:
@@ -546,8 +550,11 @@ class _SparseEncode(torch.autograd.Function):
                 if i.dim() == 1:  # a dense block over the latents i: (n_i, B) @ (B, d)
                     grad_W_enc.index_add_(0, i, g.t() @ x_c)
         grad_b_enc = x_c.new_zeros(W_enc.shape[0])  # (n_latents,)
-        for i, g in codes:
-            grad_b_enc.index_add_(0, i.reshape(-1), g.reshape(-1)) if i.dim() == 2 else grad_b_enc.index_add_(0, i, g.sum(0))
+        for i, g in codes:  # not G.sum(0, dtype=...): on CUDA that made an fp32 copy of G
+            if i.dim() == 2:
+                grad_b_enc.index_add_(0, i.reshape(-1), g.reshape(-1))
+            else:
+                grad_b_enc.index_add_(0, i, g.sum(0))
         # [code] b_pre (encoder side): d pre / d b_pre = -W_enc, so one mat-vec.
         grad_b_pre = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
         return None, grad_W_enc, grad_b_enc, grad_b_pre, None, None, None, None
