@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The sparse backward builds CSR matrices; torch warns once that CSR support is "beta".
+# The sparse backward (CPU) builds CSR matrices; torch warns once that CSR support is "beta".
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
