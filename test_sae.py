@@ -154,6 +154,30 @@ def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk
             assert_rel(g_fast[name], g_ref[name], tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-5)])
+def test_dense_backward_under_autocast(monkeypatch, dtype, tol):
+    """Under autocast the dense (CUDA) backward runs its matmuls in bfloat16 and agrees with the
+    CSR backward to bfloat16's precision; under float16 autocast it stays in float32 (fp16
+    gradients would underflow), so it agrees to float32's. Gradients come back in float32."""
+    sae, x = make(16, 600, 4, 0, torch.float32, k_aux=8), inputs(256, 16, 0, 1.0, torch.float32)
+    dead = torch.rand(600, generator=torch.Generator().manual_seed(0)) < 0.3
+    g = {}
+    for dense_backward in (False, True):
+        monkeypatch.setattr(sae_module, "_dense_backward", lambda t: dense_backward)
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):  # the forward only, as train.py runs it
+            out = sae(x, dead_mask=dead)
+        out.loss.backward()
+        g[dense_backward] = grads(sae)
+    g_csr, g_dense = g[False], g[True]
+    assert out.aux_loss > 0
+    for name in g_csr:
+        assert g_dense[name].dtype == torch.float32
+        assert_rel(g_dense[name], g_csr[name], tol)
+    if dtype == torch.bfloat16:  # it did run in bfloat16 (measured: 1.6e-3 apart)
+        assert (g_dense["W_enc"] - g_csr["W_enc"]).norm() > 1e-4 * g_csr["W_enc"].norm()
+
+
 @FEW
 @given(st.integers(1, 6), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
 def test_two_stage_topk_equals_torch_topk(B, n, k, seed, ties):
