@@ -419,11 +419,13 @@ def _dense_backward(t):
     return t.device.type == "cuda"
 
 
-def _backward_dtype(mm_dtype, master):
-    """The dtype of the dense backward's matmuls: bfloat16 where the forward matmul ran in it
-    (as autocast's backward of a matmul does), else the master weights' dtype. Not float16:
-    without loss scaling, gradients that are means over thousands of tokens underflow it."""
-    return mm_dtype if mm_dtype == torch.bfloat16 else master
+def _backward_dtype(W):
+    """The dtype of the dense backward's matmuls for weights W, read in the forward: bfloat16
+    under bfloat16 autocast (as autocast's backward of a matmul runs), else W's own. Not
+    float16: without loss scaling, gradients that are means over thousands of tokens underflow it."""
+    dev = W.device.type
+    bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    return torch.bfloat16 if bf16 else W.dtype
 
 
 def _codes_csr_t(idx, vals, n):
@@ -513,7 +515,7 @@ class _SparseEncode(torch.autograd.Function):
             aux_vals, aux_idx = _auxk_code(pre_dead, dead_idx, k_aux)
         else:
             aux_vals, aux_idx = pre_dead, dead_idx  # (B, 0)
-        ctx.mm_dtype = _backward_dtype(vals.dtype, W_enc.dtype)  # vals: in the encoder matmul's dtype
+        ctx.mm_dtype = _backward_dtype(W_enc)
         vals, aux_vals = vals.relu().to(W_enc.dtype), aux_vals.to(W_enc.dtype)
         ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
@@ -538,7 +540,6 @@ class _SparseEncode(torch.autograd.Function):
                 else:  # a dense block: its columns i
                     G.index_add_(1, i, g.to(G.dtype))
             grad_W_enc = (G.t() @ x_c.to(G.dtype)).to(W_enc.dtype)  # (n_latents, d)
-            del G
         else:
             sparse = [(i, g) for i, g in codes if i.dim() == 2]
             if sparse:  # AuxK's sparse entries join the TopK ones in one sparse matrix
@@ -569,9 +570,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W_dec, *codes):
         ctx.save_for_backward(W_dec, *codes)
-        dev = W_dec.device.type  # the forward runs in W_dec's dtype; its backward may not
-        lowp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W_dec.dtype
-        ctx.mm_dtype = _backward_dtype(lowp, W_dec.dtype)
+        ctx.mm_dtype = _backward_dtype(W_dec)  # the forward runs in W_dec's dtype; its backward may not
         with torch.autocast(W_dec.device.type, enabled=False):  # in W_dec's dtype, as the sparse codes
             return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") if i.dim() == 2
                          else v @ W_dec.index_select(0, i)
@@ -583,7 +582,7 @@ class _SparseDecode(torch.autograd.Function):
         sparse = [(v, i, g) for v, i, g in zip(codes[0::2], codes[1::2], grads) if i.dim() == 2]
         if _dense_backward(W_dec):
             # each code as a dense Z (B, n): grad W_dec += Z^T g, and vals' gradient is
-            # (g W_dec^T) at the code's entries; matmuls in autocast's bfloat16
+            # (g W_dec^T) at the code's entries; matmuls in _backward_dtype
             lp = ctx.mm_dtype
             grad_W_dec, W_lp, dots = torch.zeros_like(W_dec), W_dec.to(lp), []
             for v, i, g in sparse:  # one (B, n) temporary at a time: peak memory
