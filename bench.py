@@ -38,12 +38,6 @@ import statistics
 import tempfile
 import time
 
-# PyTorch's CPU allocator asks Linux for 2 MB pages for large tensors when this is set before
-# its first allocation: fewer page faults on each step's fresh gradient buffers (measured
-# here: a 100 MB buffer 57 -> 31 ms to fill, 25 when reused; a step at (768, 32768, 32,
-# 2048) about 4% faster). train.py runs the same way only if it sets this too.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import torch
 
 import gpt

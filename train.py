@@ -20,10 +20,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 
-# Before torch's first allocation: 2 MB pages for large CPU tensors, so each step's fresh
-# gradient buffers cost fewer page faults (measured ~4% of a step here, bench.py).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import numpy as np
 import torch
 import torch.distributed as dist
