@@ -10,6 +10,11 @@ TINY_SAE_ARGS = ["--n_latents", "128", "--k", "4", "--tokens", "60000", "--batch
                  "--ctx_len", "32", "--shuffle_tokens", "8192", "--eval_tokens", "2048", "--log_every", "10"]
 
 
+def pytest_configure(config):
+    # sae.py silences this for users; pytest resets warning filters per test, so say it here
+    config.addinivalue_line("filterwarnings", "ignore:Sparse CSR tensor support is in beta state")
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt_ckpt(tmp_path_factory):
     """Path of a 2-layer, 32-wide char GPT pretrained for a few seconds on the bundled corpus."""
