@@ -22,9 +22,10 @@ and an end-to-end train.py run of the default configuration, with the share of t
 loop spent in SAE steps or in the subject model's forward.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident set of this
-process (VmHWM in /proc/self/status, reset before each timed run by writing 5 to
-/proc/self/clear_refs) above the resident set before the shape's SAE was built: all memory
-the step touches, allocator slack included.
+process (VmHWM in /proc/self/status, reset by writing 5 to /proc/self/clear_refs) above the
+resident set before the shape's SAE was built: all memory the step touches, allocator slack
+included. Measured on the second of two runs in a row, after the timed ones: the first may
+still hold the previous entry's gradients, which train.py's loop never has.
 """
 
 import argparse
@@ -94,20 +95,27 @@ def memory_peak(device):
 
 def time_all(fns, device, warmup, runs):
     """{name: fn} -> {name: (median seconds, peak bytes)}, runs interleaved so that a change
-    in machine load hits every entry alike."""
+    in machine load hits every entry alike. Peak memory from a second run of an entry in a
+    row: the first may still hold the previous entry's gradients (the dense step's, say)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times, peaks = {name: [] for name in fns}, {name: 0 for name in fns}
+    times = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
             sync(device)
-            reset_peak(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-            peaks[name] = max(peaks[name], memory_peak(device) or 0)
+    peaks = {}
+    for name, fn in fns.items():
+        fn()
+        sync(device)
+        reset_peak(device)
+        fn()
+        sync(device)
+        peaks[name] = memory_peak(device) or 0
     return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
