@@ -454,9 +454,9 @@ def _spmm(S_t, dense, out):
 def _grad_buffer(scratch, key, like, shape):
     """An uninitialized tensor of `shape` for a weight's gradient on CPU: the memory of the one
     returned for it last step once nothing holds that any more (zero_grad(set_to_none=True)
-    dropped it), else new memory. A new 100 MB block is mapped and faulted in by Linux page by
-    page every step (measured at (768, 32768, 32, 2048), 2 threads, 3 x 12 steps alternating:
-    median 593-616 ms a step with this, 624-631 without, and no more ~1 s outliers).
+    dropped it), else new memory, which Linux maps and faults in page by page every step
+    (measured at (768, 32768, 32, 2048), 2 threads: the two CSR gradient products 74 -> 16 ms
+    a step; bench.py's step without AuxK +6%, with AuxK within noise; README, Performance).
     A gradient still held, by a caller or by .grad while gradients accumulate, is never
     written over: its storage's use count is then above buf's own reference plus the one this
     check makes. Needs torch's private use-count query; without it, always new memory."""
