@@ -5,6 +5,7 @@ bench.py: how close a TopK SAE training step comes to the hardware's floor.
     python bench.py --device cuda --json             # on a GPU (bf16 autocast, TF32), as JSON
     python bench.py --shapes 768,32768,32,2048       # only these (d_model,n_latents,k,batch) shapes
     python bench.py --quick                          # a tiny grid in seconds (the smoke test)
+    python bench.py --shapes 768,32768,32,2048 --profile   # and where the fast step's time goes
 
 A TopK SAE must compute every pre-activation, the encoder matmul (batch x d_model x n_latents),
 so that matmul (then matmul + TopK) is the floor for a training step. For each shape this
@@ -119,6 +120,32 @@ def time_all(fns, device, warmup, runs):
     return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
+PHASES = ("forward", "backward", "projection", "adam", "renormalization")
+
+
+def profile_step(fn, device, steps=3, top=12):
+    """Where a fast step's time goes, from torch.profiler over `steps` steps: ms a step in each
+    phase of step() (CPU wall time inside it; on CUDA the GPU finishes later) and the `top`
+    operators by self time (the GPU's on CUDA, else the CPU's), each with its input shapes.
+    The profiler adds overhead: its sum runs above the timed step."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    fn()
+    sync(device)
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    self_us = lambda e: getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
+    phases = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key in PHASES}
+    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key not in PHASES),
+                 key=self_us, reverse=True)[:top]
+    return {"phases_ms": {p: phases.get(p, 0.0) for p in PHASES},
+            "top_ops": [{"op": e.key, "shapes": str(e.input_shapes), "calls": e.count // steps,
+                         "ms": self_us(e) / 1e3 / steps} for e in ops]}
+
+
 def bench_shape(d, n, k, B, args):
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -136,13 +163,19 @@ def bench_shape(d, n, k, B, args):
     no_dead = torch.zeros_like(dead)
 
     def step(dead_mask, dense=False):
-        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+        phase = torch.profiler.record_function  # labels for --profile; no cost without a profiler
+        with phase("forward"), torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                                               enabled=cuda):
             out = sae(x, dead_mask=dead_mask, dense=dense)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.project_decoder_grad()
-        opt.step()
-        sae.normalize_decoder()
+        with phase("backward"):
+            out.loss.backward()
+        with phase("projection"):
+            sae.project_decoder_grad()
+        with phase("adam"):
+            opt.step()
+        with phase("renormalization"):
+            sae.normalize_decoder()
 
     fns = {"mm": lambda: torch.mm(xc, W.t(), out=buf),
            "mm_topk": lambda: torch.mm(xc, W.t(), out=buf).topk(k, dim=1),
@@ -161,6 +194,8 @@ def bench_shape(d, n, k, B, args):
          "fast0_over_mm": ms["mm"] / ms["fast0"],
          "fast_over_dense": ms["dense"] / ms["fast"] if "dense" in ms else None,
          "memory_gb": None}
+    if args.profile:
+        r["profile"] = profile_step(lambda: step(dead), device)
     if base is not None:
         peak = {name: (p - base) / 2**30 for name, (_, p) in res.items()}
         r["memory_gb"] = {"fast": peak["fast"], "dense": peak.get("dense"), "budget": budget / 2**30,
@@ -246,6 +281,13 @@ def print_table(res):
                          + [f(tps.get(name), ",.0f") for name in ("mm", "mm_topk", "fast", "fast0", "dense")]
                          + [f(r["fast_over_mm"], ".2f"), f(r["fast_over_mm_topk"], ".2f"), f(r["fast0_over_mm"], ".2f"),
                             f(r["fast_over_dense"], ".1f"), f(mem.get("fast"), ".2f"), f(mem.get("fast_over_budget"), ".2f")]))
+    for r in res["shapes"]:
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"profile of the fast step at {r['d_model']},{r['n_latents']},{r['k']},{r['batch']} (ms a step): "
+                  + ", ".join(f"{p} {ms:.1f}" for p, ms in pr["phases_ms"].items()))
+            for o in pr["top_ops"]:
+                print(f"  {o['ms']:8.2f} ms  {o['calls']:3d} x {o['op']} {o['shapes']}")
     for name in ("activations", "train"):
         if isinstance(res[name], str):
             print(f"{name}: skipped ({res[name]})")
@@ -279,6 +321,8 @@ def main(argv=None):
     p.add_argument("--e2e_tokens", type=int, default=262144, help="training tokens of the end-to-end train.py run")
     p.add_argument("--e2e_shuffle", type=int, default=65536, help="--shuffle_tokens of the end-to-end run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the fast step: ms a step per phase and the costliest operators")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.quick:

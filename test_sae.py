@@ -442,9 +442,12 @@ def test_auxk_revives_dead_latents(seed):
 # ---- bench.py ----
 
 def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
-    bench.main(["--quick", "--json", "--model", tiny_gpt_ckpt])
+    bench.main(["--quick", "--json", "--profile", "--model", tiny_gpt_ckpt])
     res = json.loads(capsys.readouterr().out)
     r = res["shapes"][0]
+    prof = r["profile"]
+    assert set(prof["phases_ms"]) == set(bench.PHASES) and all(ms > 0 for ms in prof["phases_ms"].values())
+    assert any(o["op"] == "_SparseEncode" for o in prof["top_ops"])
     assert set(r["ms"]) == set(r["tokens_per_s"]) == {"mm", "mm_topk", "fast", "fast0", "dense"}
     assert all(r[key] > 0 for key in ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_dense"))
     assert "memory_gb" in r  # None off Linux
