@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import bench
@@ -134,10 +135,13 @@ def test_fast_path_equals_dense_reference(setup, multi_topk, dead_frac):
 @pytest.mark.parametrize("dead_frac", [0.05, 0.3, 1.0])  # AuxK pre-activations by a second matmul; dead first
 @pytest.mark.parametrize("chunk", [1 << 22, 10_000])  # the encoder in one chunk; in chunks of 10 rows
 @pytest.mark.parametrize("dense_backward", [False, True])  # the CPU's CSR kernels; CUDA's dense matmuls
+@pytest.mark.parametrize("screen", [False, True])  # fp32 encoder; bf16 screen (fp32 only), with or without AMX
 def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk, auxk_block_ratio, dead_frac,
-                                                         chunk, dense_backward):
+                                                         chunk, dense_backward, screen):
     """Shapes large enough for the two-stage TopK (n = 1000 leaves a tail of 1000 % 16 columns)
-    and for both ways of reading the dead latents' pre-activations; both backward kernels."""
+    and for both ways of reading the dead latents' pre-activations; both backward kernels;
+    the encoder in fp32 and as the bf16 screen."""
+    monkeypatch.setattr(sae_module, "_BF16_SCREEN", screen)
     monkeypatch.setattr(sae_module, "_AUXK_BLOCK_RATIO", auxk_block_ratio)
     monkeypatch.setattr(sae_module, "_CHUNK", chunk)
     monkeypatch.setattr(sae_module, "_dense_backward", lambda t: dense_backward)
@@ -220,6 +224,78 @@ def test_two_stage_topk_equals_torch_topk(B, n, k, seed, ties):
             vals, idx = _topk(x, k, block)
             assert torch.equal(vals, x.topk(k, dim=1).values)
             assert torch.equal(x.gather(1, idx), vals) and (idx.sort(1).values.diff(dim=1) > 0).all()
+
+
+# ---- the CPU's bf16 screen (sae.py _screened_topk) ----
+
+def bf16_error_bound_holds(x, W, b):
+    """Whether every exact pre-activation (float64) lies within A_b + u |pre~| of the screen's
+    bf16 one; also -> the largest share of that bound an entry used."""
+    x16, W16, A = sae_module._bf16_operands({}, x, W, b)
+    pre16 = (x16 @ W16.t()).double()
+    bound = A.double().unsqueeze(1) + sae_module._BF16_U * pre16.abs()
+    err = (x.double() @ W.double().t() + b.double() - pre16).abs()
+    return bool((err <= bound).all()), (err / bound).max().item()
+
+
+@FEW
+@given(st.integers(1, 32), st.integers(1, 40), st.integers(1, 200), st.integers(0, 2**31 - 1),
+       st.floats(-6, 6), st.floats(-6, 6), st.floats(-6, 6))
+def test_bf16_screen_error_bound_holds(B, d, n, seed, log_x, log_W, log_b):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g) * 10 ** log_x
+    W = torch.randn(n, d, generator=g) * 10 ** log_W * torch.rand(n, 1, generator=g)  # rows of many norms
+    b = torch.randn(n, generator=g) * 10 ** log_b
+    assert bf16_error_bound_holds(x, W, b)[0]
+
+
+def test_bf16_screen_error_bound_is_tight_where_rounding_aligns():
+    """Each Cauchy-Schwarz term is nearly reached: a latent whose row points along the
+    token's rounding residual (the ||r|| ||W|| term), and a token along a row's residual
+    (the ||x|| ||R|| term). Dropping either term breaks the bound here."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=g)
+    r = x - x.bfloat16().float()
+    W1 = F.normalize(torch.randn(8, 64, generator=g), dim=1).bfloat16().float()  # R = 0
+    W1[:4] = F.normalize(r, dim=1).bfloat16().float()  # W_j ~ r_j / ||r_j||
+    W2 = F.normalize(torch.randn(8, 64, generator=g), dim=1)
+    R = W2 - W2.bfloat16().float()
+    x2 = (3 * F.normalize(R[:4], dim=1)).bfloat16().float()  # r = 0, x ~ R_j / ||R_j||
+    for xs, W in ((x, W1), (x2, W2)):
+        ok, used = bf16_error_bound_holds(xs, W, torch.zeros(8))
+        assert ok and used > 0.5, used
+
+
+def near_duplicate_latents(groups, size, d, eps, seed):
+    """W (groups * size, d): `groups` random unit directions, each repeated `size` times with
+    relative perturbations eps, far below bf16's resolution for eps ~ 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.normalize(torch.randn(groups, d, generator=g), dim=1).repeat_interleave(size, 0)
+    return base + eps * torch.randn(groups * size, d, generator=g) / d ** 0.5
+
+
+@pytest.mark.parametrize("case, past_tier_1, past_tier_2", [
+    ("random", None, None),     # tier 1 settles nearly every token
+    ("groups of 12", ">0", 0),  # 12 near-equal latents > tier 1's 8 candidates: tier 2 settles them
+    ("groups of 64", ">0", ">0"),  # more than tier 2's 32 too: the fp32 encoder decides
+])
+def test_bf16_screen_returns_the_exact_top_k(case, past_tier_1, past_tier_2):
+    B, d, k = 48, 32, 4
+    g = torch.Generator().manual_seed(1)
+    if case == "random":
+        W = torch.randn(1024, d, generator=g)
+    else:
+        W = near_duplicate_latents(1024 // int(case.split()[-1]), int(case.split()[-1]), d, 1e-4, 1)
+    b = 0.01 * torch.randn(len(W), generator=g)
+    x = torch.randn(B, d, generator=g)
+    scratch = {}
+    vals, idx = sae_module._screened_topk(scratch, x, W, b, k)
+    exact = (x.double() @ W.double().t() + b.double()).topk(k, dim=1)
+    assert torch.equal(idx, exact.indices)  # no ties: near-duplicates differ by ~1e-4, far above fp32's rounding
+    torch.testing.assert_close(vals.double(), exact.values, rtol=1e-6, atol=1e-6)
+    counts = scratch["screen_unsure"]
+    for count, want in zip(counts, (past_tier_1, past_tier_2)):
+        assert want is None or (count > 0 if want == ">0" else count == want), counts
 
 
 # ---- losses ----
