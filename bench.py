@@ -9,14 +9,18 @@ bench.py: how close a TopK SAE training step comes to the hardware's floor.
 
 A TopK SAE must compute every pre-activation, the encoder matmul (batch x d_model x n_latents),
 so that matmul (then matmul + TopK) is the floor for a training step. For each shape this
-times, in one process, warm-up runs first, then the median of --runs timed runs, interleaved:
+times, in one process, warm-up runs first, then the median of --runs timed runs, interleaved,
+each straight after an untimed run of the same entry (see time_all):
   mm       the encoder matmul alone, into a reused buffer (fp32 on CPU, bf16 operands on CUDA)
   mm+topk  the same, then torch.topk over its output
+  mm bf16  (CPU) the matmul with bf16 operands and output: the floor of the fast step's encoder
+           where it runs as sae.py's bf16 screen (CPUs with AMX), whose tokens past each of
+           its tiers are counted
   fast     a full training step as train.py runs it on the sparse fast path: forward with AuxK
            over --dead_frac dead latents, backward, decoder-gradient projection, fused Adam,
            decoder renormalization; fast0 is the same with no dead latents (no AuxK)
   dense    the same step on sae.py's dense reference path (dense=True)
-and reports tokens/s, fast against mm, mm+topk and dense, and the fast step's peak memory
+and reports tokens/s, fast against mm, mm+topk, mm bf16 and dense, and the fast step's peak memory
 against parameters + Adam state + one batch of pre-activations. With a subject model
 (--model) it also measures its activation generation (blocks up to train.py's default layer)
 and an end-to-end train.py run of the default configuration, with the share of the training
@@ -97,14 +101,19 @@ def memory_peak(device):
 
 def time_all(fns, device, warmup, runs):
     """{name: fn} -> {name: (median seconds, peak bytes)}, runs interleaved so that a change
-    in machine load hits every entry alike. Peak memory from a second run of an entry in a
-    row: the first may still hold the previous entry's gradients (the dense step's, say)."""
+    in machine load hits every entry alike. Each timed run follows an untimed run of the same
+    entry, as a training step follows a step: right after other work it runs slower (measured
+    at 768/32768/32/2048 on CPU, two bench runs each way, alternating: the fast step at 4,304
+    and 5,078 tokens/s timed straight after the other entries, 5,624 and 5,735 after itself).
+    Peak memory likewise from a second run in a row: the first may still hold the previous
+    entry's gradients (the dense step's, say)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
+            fn()
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -161,6 +170,8 @@ def bench_shape(d, n, k, B, args):
     mm_dtype = torch.bfloat16 if cuda else torch.float32
     W, xc = torch.randn(n, d, device=device, dtype=mm_dtype), x.to(mm_dtype)
     buf = torch.zeros(B, n, dtype=mm_dtype, device=device)  # zeros: its pages are resident before `base`
+    # on CPU also the bf16 matmul, the floor of the encoder's bf16 screen (sae.py) on AMX
+    W16, x16, buf16 = W.bfloat16(), xc.bfloat16(), torch.zeros(B, n, dtype=torch.bfloat16, device=device)
     base = memory_now(device)
     sae = SAE(SAEConfig(d_model=d, n_latents=n, k=k)).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True)  # as train.py
@@ -185,12 +196,15 @@ def bench_shape(d, n, k, B, args):
 
     fns = {"mm": lambda: torch.mm(xc, W.t(), out=buf),
            "mm_topk": lambda: torch.mm(xc, W.t(), out=buf).topk(k, dim=1),
+           "mm_bf16": lambda: torch.mm(x16, W16.t(), out=buf16),
            "fast": lambda: step(dead),
            "fast0": lambda: step(no_dead)}
     if not args.no_dense:
         fns["dense"] = lambda: step(dead, dense=True)
+    if cuda:  # mm is already bf16 there
+        del fns["mm_bf16"]
     res = time_all(fns, device, args.warmup, args.runs)
-    del W, xc, buf
+    del W, xc, buf, W16, x16, buf16
     params = sum(p.numel() * p.element_size() for p in sae.parameters())
     budget = 3 * params + B * n * torch.finfo(mm_dtype).bits // 8  # params + Adam's two moments + pre
     ms = {name: 1e3 * t for name, (t, _) in res.items()}
@@ -198,8 +212,12 @@ def bench_shape(d, n, k, B, args):
          "ms": ms, "tokens_per_s": {name: B / t for name, (t, _) in res.items()},
          "fast_over_mm": ms["mm"] / ms["fast"], "fast_over_mm_topk": ms["mm_topk"] / ms["fast"],
          "fast0_over_mm": ms["mm"] / ms["fast0"],
+         "fast_over_mm_bf16": ms["mm_bf16"] / ms["fast"] if "mm_bf16" in ms else None,
          "fast_over_dense": ms["dense"] / ms["fast"] if "dense" in ms else None,
-         "memory_gb": None}
+         "memory_gb": None, "screen": None}
+    screened, past_1, past_2 = sae._scratch.get("screen_counts", (0, 0, 0))
+    if screened:  # the bf16 screen's tokens past tier 1 and past tier 2 (to the fp32 encoder)
+        r["screen"] = {"tokens": screened, "past_tier_1": past_1 / screened, "past_tier_2": past_2 / screened}
     if args.profile:
         r["profile"] = profile_step(lambda: step(dead), device)
     if base is not None:
@@ -276,17 +294,23 @@ def print_table(res):
     print(f"device: {res['device']}; torch {res['torch']}; {res['threads']} threads; load average "
           f"{res['load_avg'][0]:.1f} -> {res['load_avg'][1]:.1f}; dead latents {res['dead_frac']:.0%}; "
           f"THP_MEM_ALLOC_ENABLE={res['thp']}")
-    head = ["d_model", "n", "k", "batch", "mm", "mm+topk", "fast", "fast0", "dense", "fast/mm", "fast/mm+topk",
-            "fast0/mm", "fast/dense", "mem GB", "mem/budget"]
+    head = ["d_model", "n", "k", "batch", "mm", "mm+topk", "mm bf16", "fast", "fast0", "dense", "fast/mm",
+            "fast/mm+topk", "fast0/mm", "fast/mm bf16", "fast/dense", "mem GB", "mem/budget"]
     print("tokens/s for mm ... dense; ratios of throughput; mem: fast step's peak")
     print(" | ".join(head))
     for r in res["shapes"]:
         tps, mem = r["tokens_per_s"], r["memory_gb"] or {}
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
         print(" | ".join([str(r["d_model"]), str(r["n_latents"]), str(r["k"]), str(r["batch"])]
-                         + [f(tps.get(name), ",.0f") for name in ("mm", "mm_topk", "fast", "fast0", "dense")]
-                         + [f(r["fast_over_mm"], ".2f"), f(r["fast_over_mm_topk"], ".2f"), f(r["fast0_over_mm"], ".2f"),
-                            f(r["fast_over_dense"], ".1f"), f(mem.get("fast"), ".2f"), f(mem.get("fast_over_budget"), ".2f")]))
+                         + [f(tps.get(name), ",.0f") for name in ("mm", "mm_topk", "mm_bf16", "fast", "fast0", "dense")]
+                         + [f(r[name], ".2f") for name in ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm",
+                                                             "fast_over_mm_bf16")]
+                         + [f(r["fast_over_dense"], ".1f"), f(mem.get("fast"), ".2f"), f(mem.get("fast_over_budget"), ".2f")]))
+    for r in res["shapes"]:
+        if r["screen"]:
+            sc = r["screen"]
+            print(f"bf16 screen at {r['d_model']},{r['n_latents']},{r['k']},{r['batch']}: of {sc['tokens']:,} tokens, "
+                  f"{sc['past_tier_1']:.2%} past tier 1, {sc['past_tier_2']:.2%} past tier 2 (to the fp32 encoder)")
     for r in res["shapes"]:
         if "profile" in r:
             pr = r["profile"]
@@ -316,7 +340,8 @@ def main(argv=None):
                    help="shapes d_model,n_latents,k,batch; default: the device's grid (see GRIDS)")
     p.add_argument("--quick", action="store_true", help="a tiny grid and a tiny train.py run: a smoke test in seconds")
     p.add_argument("--dead_frac", type=float, default=0.05,
-                   help="fraction of latents marked dead for AuxK (the default run ends near 5%%)")
+                   help="fraction of latents marked dead for AuxK (README: the default run ends at "
+                        "0.12%%, the same at 4x the learning rate at 7.3%%)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each measurement (the median is reported)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense reference step (slow at large shapes)")

@@ -293,7 +293,8 @@ def test_bf16_screen_returns_the_exact_top_k(case, past_tier_1, past_tier_2):
     exact = (x.double() @ W.double().t() + b.double()).topk(k, dim=1)
     assert torch.equal(idx, exact.indices)  # no ties: near-duplicates differ by ~1e-4, far above fp32's rounding
     torch.testing.assert_close(vals.double(), exact.values, rtol=1e-6, atol=1e-6)
-    counts = scratch["screen_unsure"]
+    tokens, *counts = scratch["screen_counts"]
+    assert tokens == B
     for count, want in zip(counts, (past_tier_1, past_tier_2)):
         assert want is None or (count > 0 if want == ">0" else count == want), counts
 
@@ -524,8 +525,11 @@ def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
     prof = r["profile"]
     assert set(prof["phases_ms"]) == set(bench.PHASES) and all(ms > 0 for ms in prof["phases_ms"].values())
     assert any(o["op"] == "_SparseEncode" for o in prof["top_ops"])
-    assert set(r["ms"]) == set(r["tokens_per_s"]) == {"mm", "mm_topk", "fast", "fast0", "dense"}
-    assert all(r[key] > 0 for key in ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_dense"))
+    assert set(r["ms"]) == set(r["tokens_per_s"]) == {"mm", "mm_topk", "mm_bf16", "fast", "fast0", "dense"}
+    assert all(r[key] > 0 for key in ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_mm_bf16",
+                                      "fast_over_dense"))
+    if sae_module._BF16_SCREEN:  # the quick shape's fast steps ran the screen
+        assert r["screen"]["tokens"] > 0 and 0 <= r["screen"]["past_tier_2"] <= r["screen"]["past_tier_1"] <= 1
     assert "memory_gb" in r  # None off Linux
     assert res["activations"]["tokens_per_s"] > 0
     assert 0 < res["train"]["useful_share"] <= 1 and res["train"]["tokens_per_s"] > 0
