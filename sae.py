@@ -593,7 +593,7 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
         for tier, K in enumerate((2 * k_top, 8 * k_top)):
             if K > n or not len(tok):
                 break
-            top16, cand = _topk(pre16, K)
+            top16, cand = _topk(pre16, K, block=8)  # measured at d_model 768: 12 ms less than 16
             v, i = _candidates_topk(x_c[tok], W_enc, b_enc, cand, k_top)
             T = top16[:, -1].float()
             T += _BF16_U * T.abs() + A[tok]
