@@ -510,6 +510,7 @@ def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
 # screen checked in fp32, which returns fp32's exact top k (_screened_topk). Without AMX, bf16
 # matmuls are emulated and slower than fp32: the plain fp32 encoder (_preacts_topk).
 _BF16_SCREEN = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+_SCREEN_CHUNK = 1 << 25  # 64 MB of bf16 pre-activations at a time (bench.py's peak memory)
 _BF16_U = 2.0 ** -7  # bf16's unit roundoff 2^-8 (8-bit significand), doubled to spare
 
 
@@ -534,14 +535,14 @@ def _bf16_operands(scratch, x_c, W_enc, b_enc):
     W16 = scratch.get("W16")
     if W16 is None or W16.shape != (n, d + 1):
         scratch["W16"] = W16 = W_enc.new_empty(n, d + 1, dtype=torch.bfloat16)
-    # max_j ||R_j|| and max_j ||W_j||, R_j = W_j - bf16(W_j) (exact in fp32), in row chunks:
-    # the residual is read back from cache (measured at 32768 x 768: 17 ms with the rounding)
+    # max_j ||R_j|| and max_j ||W_j||, R_j = bf16(W_j) - W_j (exact in fp32), in row chunks:
+    # each is read back from cache (measured at 32768 x 768: 17 ms with the rounding)
     rows = max(1, _ROW_CHUNK // d)
     tmp, norms = x_c.new_empty(min(rows, n), d), x_c.new_empty(2, n)
     for s in range(0, n, rows):
-        W_c, W16_c = W_enc[s:s + rows], W16[s:s + rows, :d]
+        W_c, W16_c, R_c = W_enc[s:s + rows], W16[s:s + rows, :d], tmp[:min(rows, n - s)]
         W16_c.copy_(W_c)
-        torch.linalg.vector_norm(torch.sub(W_c, W16_c, out=tmp[:len(W_c)]), dim=1, out=norms[0, s:s + rows])
+        torch.linalg.vector_norm(R_c.copy_(W16_c).sub_(W_c), dim=1, out=norms[0, s:s + rows])
         torch.linalg.vector_norm(W_c, dim=1, out=norms[1, s:s + rows])
     R, W_norm = norms.amax(1)
     W16[:, d].copy_(b_enc)
@@ -573,9 +574,9 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     B, d = x_c.shape
     n = len(W_enc)
     x16, W16, A = _bf16_operands(scratch, x_c, W_enc, b_enc)
-    # 1-3 in chunks of >= 4 d rows (fewer re-read W16 once per chunk for little work:
-    # measured at d_model 128, 256 rows: 53 ms, 512 or more: 33-35)
-    rows = min(B, 4 * max(_CHUNK // n, d))
+    # 1-3 in chunks of _SCREEN_CHUNK elements, at least d rows (fewer would re-read W16 once
+    # per chunk for little work: measured at d_model 128, 256 rows: 53 ms, 512 or more: 33-35)
+    rows = min(B, max(_SCREEN_CHUNK // n, d))
     buf = scratch.get("pre16")
     if buf is None or buf.shape != (rows, n):
         scratch["pre16"] = buf = x16.new_empty(rows, n)
