@@ -577,39 +577,43 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     B, d = x_c.shape
     n = len(W_enc)
     x16, W16, A = _bf16_operands(scratch, x_c, W_enc, b_enc)
-    # 1-3 in chunks of _SCREEN_CHUNK elements, at least d rows (fewer would re-read W16 once
+    # tier 1 in chunks of _SCREEN_CHUNK elements, at least d rows (fewer would re-read W16 once
     # per chunk for little work: measured at d_model 128, 256 rows: 53 ms, 512 or more: 33-35)
     rows = min(B, max(_SCREEN_CHUNK // n, d))
     buf = scratch.get("pre16")
     if buf is None or buf.shape != (rows, n):
         scratch["pre16"] = buf = x16.new_empty(rows, n)
-    vals, idx = x_c.new_empty(B, k_top), torch.empty(B, k_top, dtype=torch.long, device=x_c.device)
-    unsure = []  # tokens the fp32 encoder decides
-    # cumulative over calls, for bench.py: tokens screened, past tier 1, past tier 2
-    counts = scratch.setdefault("screen_counts", [0, 0, 0])
-    counts[0] += B
+    K = 2 * k_top
+    cand, t = torch.empty(B, K, dtype=torch.long, device=x_c.device), x_c.new_empty(B)
     for s in range(0, B, rows):
         pre16 = torch.mm(x16[s:s + rows], W16.t(), out=buf[:min(rows, B - s)])
-        tok = torch.arange(s, s + len(pre16), device=x_c.device)
-        # tier 2 matters where pre-activations bunch at the threshold: measured on a batch
-        # trained on repeatedly, 15% of its tokens past tier 1 after four steps, all after
-        # ten, and none past tier 2
-        for tier, K in enumerate((2 * k_top, 8 * k_top)):
-            if K > n or not len(tok):
-                break
-            top16, cand = _topk(pre16, K, block=8)  # measured at d_model 768: 12 ms less than 16
-            v, i = _candidates_topk(x_c[tok], W_enc, b_enc, cand, k_top)
-            T = top16[:, -1].float()
-            T += _BF16_U * T.abs() + A[tok]
-            ok = v[:, -1] >= T
-            vals[tok[ok]], idx[tok[ok]] = v[ok], i[ok]
-            tok, pre16 = tok[~ok], pre16[~ok]
-            counts[tier + 1] += len(tok)
-        unsure.append(tok)
-    unsure = torch.cat(unsure)
-    if len(unsure):
+        top16, cand[s:s + rows] = _topk(pre16, K, block=8)  # measured at d_model 768: 12 ms less than 16
+        t[s:s + rows] = top16[:, -1]
+    vals, idx, unsure = _settle(x_c, W_enc, b_enc, cand, t, A, k_top)
+    counts = scratch.setdefault("screen_counts", [0, 0, 0])  # over calls: tokens in, past tier 1, 2
+    counts[0] += B
+    counts[1] += len(unsure)
+    # tier 2, for the tokens tier 1 left unsure: their pre~ again, 8 k_top candidates. It matters
+    # where pre-activations bunch at the threshold: measured on a batch trained on repeatedly,
+    # 15% of its tokens past tier 1 after four steps, all after ten, and none past tier 2.
+    if len(unsure) and 8 * k_top <= n:
+        top16, cand = _topk(torch.mm(x16[unsure], W16.t()), 8 * k_top, block=8)
+        v, i, still = _settle(x_c[unsure], W_enc, b_enc, cand, top16[:, -1].float(), A[unsure], k_top)
+        vals[unsure], idx[unsure] = v, i
+        unsure = unsure[still]
+    counts[2] += len(unsure)
+    if len(unsure):  # the fp32 encoder decides the rest
         vals[unsure], idx[unsure], _ = _preacts_topk(scratch, x_c[unsure], W_enc, b_enc, k_top, 0)
     return vals, idx
+
+
+def _settle(x_c, W_enc, b_enc, cand, t, A, k_top):
+    """Step 2 and 3 of _screened_topk for candidates cand (B, K), t (B,) the smallest of their
+    pre~ -> vals, idx (B, k_top), the top k_top of the candidates' fp32 values, and the
+    tokens (indices into B) for which the check fails, whose vals, idx may be wrong."""
+    vals, idx = _candidates_topk(x_c, W_enc, b_enc, cand, k_top)
+    T = t + _BF16_U * t.abs() + A  # every latent outside the candidates has pre <= T
+    return vals, idx, (vals[:, -1] < T).nonzero().squeeze(1)
 
 
 def _candidates_topk(x_c, W_enc, b_enc, cand, k_top):
