@@ -377,13 +377,13 @@ _AUXK_BLOCK_RATIO = 12
 
 def _topk(x, k, block=16):
     """torch.topk(x, k, dim=1) for x (B, n): values sorted descending, indices into dim 1.
-    In two stages when n is large: the maximum of each of n // block strided blocks
-    of columns, then the top k among the k best blocks' columns and the n % block leftover
-    ones (on CPU the k best blocks found the same way, recursively). Every value of the top k lies in those (a block holding one but not chosen would
-    give k + 1 values above the k-th), so values are exact; indices can differ from
-    torch.topk only between ties. Measured on CPU at (2048, 32768), k 32: half torch.topk's time,
-    a partial sort per row. On an H200 at (4096, 32768) in bf16: 0.43 ms, torch.topk's
-    radix select 1.07 (at n 131072: 1.03 vs 3.89)."""
+    In two stages when n is large: the maximum of each of n // block strided blocks of
+    columns, then the top k among the k best blocks' columns and the n % block leftover ones
+    (on CPU the k best blocks are found the same way, recursively). Every value of the top k
+    lies in those (a block holding one but not chosen would give k + 1 values above the k-th),
+    so values are exact; indices can differ from torch.topk only between ties. Measured on
+    CPU at (2048, 32768), k 32: half torch.topk's time, a partial sort per row. On an H200 at
+    (4096, 32768) in bf16: 0.43 ms, torch.topk's radix select 1.07 (at n 131072: 1.03 vs 3.89)."""
     B, n = x.shape
     if 4 * block * k > n:
         return x.topk(k, dim=1)
@@ -538,7 +538,7 @@ def _bf16_operands(scratch, x_c, W_enc, b_enc):
     W16 = scratch.get("W16")
     if W16 is None or W16.shape != (n, d + 1):
         scratch["W16"] = W16 = W_enc.new_empty(n, d + 1, dtype=torch.bfloat16)
-    # max_j ||R_j|| and max_j ||W_j||, R_j = bf16(W_j) - W_j (exact in fp32), in row chunks:
+    # max_j ||R_j|| and max_j ||W_j||, ||R_j|| = ||bf16(W_j) - W_j|| (exact in fp32), in row chunks:
     # each is read back from cache (measured at 32768 x 768: 17 ms with the rounding)
     rows = max(1, _ROW_CHUNK // d)
     tmp, norms = x_c.new_empty(min(rows, n), d), x_c.new_empty(2, n)
@@ -587,7 +587,7 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     cand, t = torch.empty(B, K, dtype=torch.long, device=x_c.device), x_c.new_empty(B)
     for s in range(0, B, rows):
         pre16 = torch.mm(x16[s:s + rows], W16.t(), out=buf[:min(rows, B - s)])
-        top16, cand[s:s + rows] = _topk(pre16, K, block=8)  # measured at d_model 768: 12 ms less than 16
+        top16, cand[s:s + rows] = _topk(pre16, K, block=8)  # blocks of 8: 12 ms less than 16 at d_model 768
         t[s:s + rows] = top16[:, -1]
     vals, idx, unsure = _settle(x_c, W_enc, b_enc, cand, t, A, k_top)
     counts = scratch.setdefault("screen_counts", [0, 0, 0])  # over calls: tokens in, past tier 1, 2
@@ -596,7 +596,7 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     # tier 2, for the tokens tier 1 left unsure: their pre~ again, 8 k_top candidates. It matters
     # where pre-activations bunch at the threshold: measured on a batch trained on repeatedly,
     # 15% of its tokens past tier 1 after four steps, all after ten, and none past tier 2.
-    if len(unsure) and 8 * k_top <= n:
+    if len(unsure) and 8 * k_top <= n:  # (_screen makes sure)
         top16, cand = _topk(torch.mm(x16[unsure], W16.t()), 8 * k_top, block=8)
         v, i, still = _settle(x_c[unsure], W_enc, b_enc, cand, top16[:, -1].float(), A[unsure], k_top)
         vals[unsure], idx[unsure] = v, i
