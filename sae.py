@@ -514,6 +514,7 @@ def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
 # matmuls are emulated and slower than fp32: the plain fp32 encoder (_preacts_topk).
 _BF16_SCREEN = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 _SCREEN_CHUNK = 1 << 25  # 64 MB of bf16 pre-activations at a time (bench.py's peak memory)
+_SCREEN_K = 2  # tier 1's candidates per token, in multiples of k
 _BF16_U = 2.0 ** -7  # bf16's unit roundoff 2^-8 (8-bit significand), doubled to spare
 
 
@@ -583,7 +584,7 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     buf = scratch.get("pre16")
     if buf is None or buf.shape != (rows, n):
         scratch["pre16"] = buf = x16.new_empty(rows, n)
-    K = 2 * k_top
+    K = _SCREEN_K * k_top
     cand, t = torch.empty(B, K, dtype=torch.long, device=x_c.device), x_c.new_empty(B)
     for s in range(0, B, rows):
         pre16 = torch.mm(x16[s:s + rows], W16.t(), out=buf[:min(rows, B - s)])
@@ -597,8 +598,13 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     # where pre-activations bunch at the threshold: measured on a batch trained on repeatedly,
     # 15% of its tokens past tier 1 after four steps, all after ten, and none past tier 2.
     if len(unsure) and 8 * k_top <= n:  # (_screen makes sure)
-        top16, cand = _topk(torch.mm(x16[unsure], W16.t()), 8 * k_top, block=8)
-        v, i, still = _settle(x_c[unsure], W_enc, b_enc, cand, top16[:, -1].float(), A[unsure], k_top)
+        K = 8 * k_top
+        cand, t = torch.empty(len(unsure), K, dtype=torch.long, device=x_c.device), x_c.new_empty(len(unsure))
+        for s in range(0, len(unsure), rows):  # into the same buffer: no allocation that varies by step
+            pre16 = torch.mm(x16[unsure[s:s + rows]], W16.t(), out=buf[:min(rows, len(unsure) - s)])
+            top16, cand[s:s + rows] = _topk(pre16, K, block=8)
+            t[s:s + rows] = top16[:, -1]
+        v, i, still = _settle(x_c[unsure], W_enc, b_enc, cand, t, A[unsure], k_top)
         vals[unsure], idx[unsure] = v, i
         unsure = unsure[still]
     counts[2] += len(unsure)
