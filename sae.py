@@ -572,9 +572,11 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
          so one outside the candidates has pre <= T_b = t_b + u |t_b| + A_b, and a token
          whose k_top-th fp32 value is >= T_b has its exact top k_top.
     Tier 1 takes K = 2 k_top candidates; tier 2, 8 k_top for the tokens tier 1 left unsure;
-    the fp32 encoder decides any left after that. Measured at tier 1: 0.2-0.5% of tokens
-    unsure at d_model 768 with random inputs, 1.7% on the trained default SAE (d_model 128)
-    with held-out activations. scratch["screen_counts"] counts tokens in and past each tier."""
+    the fp32 encoder decides any left after that. Measured: at d_model 768 with random inputs,
+    0.2-2% of tokens past tier 1, none past tier 2; the default run's trained SAE (d_model 128)
+    on 61,440 training activations, 7.6% past tier 1 and 0.05% past tier 2, in 145 ms a batch
+    of 4,096 (with 3 k_top candidates: 1.2% and 0.05%, in 150 ms). scratch["screen_counts"]
+    counts tokens in and past each tier."""
     B, d = x_c.shape
     n = len(W_enc)
     x16, W16, A = _bf16_operands(scratch, x_c, W_enc, b_enc)
