@@ -279,8 +279,10 @@ def near_duplicate_latents(groups, size, d, eps, seed):
     ("groups of 12", ">0", 0),  # 12 near-equal latents > tier 1's 8 candidates: tier 2 settles them
     ("groups of 64", ">0", ">0"),  # more than tier 2's 32 too: the fp32 encoder decides
 ])
-def test_bf16_screen_returns_the_exact_top_k(case, past_tier_1, past_tier_2):
-    B, d, k = 48, 32, 4
+@pytest.mark.parametrize("chunk", [1 << 25, 0])  # the batch in one chunk; in chunks of d_model rows
+def test_bf16_screen_returns_the_exact_top_k(monkeypatch, case, past_tier_1, past_tier_2, chunk):
+    monkeypatch.setattr(sae_module, "_SCREEN_CHUNK", chunk)
+    B, d, k = 80, 32, 4
     g = torch.Generator().manual_seed(1)
     if case == "random":
         W = torch.randn(1024, d, generator=g)
