@@ -341,7 +341,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a tiny grid and a tiny train.py run: a smoke test in seconds")
     p.add_argument("--dead_frac", type=float, default=0.05,
                    help="fraction of latents marked dead for AuxK (README: the default run ends at "
-                        "0.12%%, the same at 4x the learning rate at 7.3%%)")
+                        "0.12-0.15%%, the same at 4x the learning rate at 7.3%%)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each measurement (the median is reported)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense reference step (slow at large shapes)")

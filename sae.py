@@ -520,7 +520,8 @@ _BF16_U = 2.0 ** -7  # bf16's unit roundoff 2^-8 (8-bit significand), doubled to
 
 def _screen(x_c, n, k_top):
     """Whether the encoder's TopK runs as _screened_topk: fp32 on a CPU with AMX, outside
-    autocast, and n_latents large enough that 2 k_top candidates are a small share of them."""
+    autocast, and n_latents large enough that the candidates (up to 8 k_top, in tier 2) are a
+    small share of them."""
     return (_BF16_SCREEN and x_c.device.type == "cpu" and x_c.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and n >= 8 * k_top)
 
@@ -571,7 +572,7 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
       3. the check: every latent has pre <= pre~ + u |pre~| + A_b (u: the output's rounding),
          so one outside the candidates has pre <= T_b = t_b + u |t_b| + A_b, and a token
          whose k_top-th fp32 value is >= T_b has its exact top k_top.
-    Tier 1 takes K = 2 k_top candidates; tier 2, 8 k_top for the tokens tier 1 left unsure;
+    Tier 1 takes K = _SCREEN_K k_top = 2 k_top candidates; tier 2, 8 k_top for the tokens tier 1 left unsure;
     the fp32 encoder decides any left after that. Measured: at d_model 768 with random inputs,
     0.2-2% of tokens past tier 1, none past tier 2; the default run's trained SAE (d_model 128)
     on 61,440 training activations, 7.6% past tier 1 and 0.05% past tier 2, in 145 ms a batch
@@ -640,7 +641,8 @@ class _SparseEncode(torch.autograd.Function):
     """(x_n, W_enc, b_enc, b_pre) -> the TopK code vals, idx (B, k_top), ReLU'd and sorted
     descending, and the AuxK code aux_vals, aux_idx (see _auxk_code).
     The one dense matmul of a step; under torch.autocast it runs in the autocast dtype
-    (addmm is on autocast's low-precision list) and the codes come back in W_enc's dtype.
+    (addmm is on autocast's low-precision list) and the codes come back in W_enc's dtype; in
+    fp32 on a CPU with AMX it runs in bf16 as a screen checked in fp32 (_screened_topk).
     Backward touches only the selected latents and computes no input gradient."""
 
     @staticmethod
