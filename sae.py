@@ -587,12 +587,7 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     buf = scratch.get("pre16")
     if buf is None or buf.shape != (rows, n):
         scratch["pre16"] = buf = x16.new_empty(rows, n)
-    K = _SCREEN_K * k_top
-    cand, t = torch.empty(B, K, dtype=torch.long, device=x_c.device), x_c.new_empty(B)
-    for s in range(0, B, rows):
-        pre16 = torch.mm(x16[s:s + rows], W16.t(), out=buf[:min(rows, B - s)])
-        top16, cand[s:s + rows] = _topk(pre16, K, block=8)  # blocks of 8: 12 ms less than 16 at d_model 768
-        t[s:s + rows] = top16[:, -1]
+    cand, t = _bf16_candidates(x16, W16, buf, _SCREEN_K * k_top)
     vals, idx, unsure = _settle(x_c, W_enc, b_enc, cand, t, A, k_top)
     counts = scratch.setdefault("screen_counts", [0, 0, 0])  # over calls: tokens in, past tier 1, 2
     counts[0] += B
@@ -601,12 +596,7 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     # where pre-activations bunch at the threshold: measured on a batch trained on repeatedly,
     # 15% of its tokens past tier 1 after four steps, all after ten, and none past tier 2.
     if len(unsure) and 8 * k_top <= n:  # (_screen makes sure)
-        K = 8 * k_top
-        cand, t = torch.empty(len(unsure), K, dtype=torch.long, device=x_c.device), x_c.new_empty(len(unsure))
-        for s in range(0, len(unsure), rows):  # into the same buffer: no allocation that varies by step
-            pre16 = torch.mm(x16[unsure[s:s + rows]], W16.t(), out=buf[:min(rows, len(unsure) - s)])
-            top16, cand[s:s + rows] = _topk(pre16, K, block=8)
-            t[s:s + rows] = top16[:, -1]
+        cand, t = _bf16_candidates(x16[unsure], W16, buf, 8 * k_top)
         v, i, still = _settle(x_c[unsure], W_enc, b_enc, cand, t, A[unsure], k_top)
         vals[unsure], idx[unsure] = v, i
         unsure = unsure[still]
@@ -614,6 +604,20 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
     if len(unsure):  # the fp32 encoder decides the rest
         vals[unsure], idx[unsure], _ = _preacts_topk(scratch, x_c[unsure], W_enc, b_enc, k_top, 0)
     return vals, idx
+
+
+def _bf16_candidates(x16, W16, buf, K):
+    """Step 1 of _screened_topk: each row's top K of pre~ = x16 W16^T -> cand (B, K) and t (B,),
+    the smallest of their pre~ in fp32. In chunks of buf's rows, into buf: tier 1 and tier 2
+    share it, so no bf16 rows are allocated by a size that varies from step to step."""
+    B, rows = len(x16), len(buf)
+    cand = torch.empty(B, K, dtype=torch.long, device=x16.device)
+    t = torch.empty(B, dtype=torch.float32, device=x16.device)
+    for s in range(0, B, rows):
+        pre16 = torch.mm(x16[s:s + rows], W16.t(), out=buf[:min(rows, B - s)])
+        top16, cand[s:s + rows] = _topk(pre16, K, block=8)  # blocks of 8: 12 ms less than 16 at d_model 768
+        t[s:s + rows] = top16[:, -1]
+    return cand, t
 
 
 def _settle(x_c, W_enc, b_enc, cand, t, A, k_top):
