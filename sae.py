@@ -477,6 +477,15 @@ def _grad_buffer(scratch, key, like, shape):
     return buf.view(shape)  # a second tensor on buf's memory: autograd keeps it as .grad
 
 
+def _kept(scratch, key, like, shape, dtype):
+    """scratch[key], an uninitialized buffer of shape and dtype on like's device kept across
+    steps, made anew only when those change (a fresh one costs page faults each step)."""
+    buf = scratch.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
+        scratch[key] = buf = like.new_empty(shape, dtype=dtype)
+    return buf
+
+
 def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
     """The encoder and TopK: pre-activations pre = x_c W_enc^T + b_enc (B, n_latents) -> vals,
     idx (B, k_top), each token's top k_top sorted descending, and pre[:, :n_lead].
@@ -496,9 +505,7 @@ def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
         pre = torch.addmm(b_enc, x_c, W_enc.t())
         return *_topk(pre, k_top), pre[:, :n_lead]
     rows = min(B, max(_CHUNK // n, x_c.shape[1]))
-    buf = scratch.get("pre")
-    if buf is None or buf.shape != (rows, n) or buf.dtype != x_c.dtype:
-        scratch["pre"] = buf = x_c.new_empty(rows, n)
+    buf = _kept(scratch, "pre", x_c, (rows, n), x_c.dtype)
     vals, lead = x_c.new_empty(B, k_top), x_c.new_empty(B, n_lead)
     idx = torch.empty(B, k_top, dtype=torch.long, device=x_c.device)
     for s in range(0, B, rows):
@@ -537,9 +544,7 @@ def _bf16_operands(scratch, x_c, W_enc, b_enc):
     and 1e-30 for denormals that bf16 hardware flushes."""
     B, d = x_c.shape
     n = len(W_enc)
-    W16 = scratch.get("W16")
-    if W16 is None or W16.shape != (n, d + 1):
-        scratch["W16"] = W16 = W_enc.new_empty(n, d + 1, dtype=torch.bfloat16)
+    W16 = _kept(scratch, "W16", W_enc, (n, d + 1), torch.bfloat16)
     # max_j ||R_j|| and max_j ||W_j||, ||R_j|| = ||bf16(W_j) - W_j|| (exact in fp32), in row chunks:
     # each is read back from cache (measured at 32768 x 768: 17 ms with the rounding)
     rows = max(1, _ROW_CHUNK // d)
@@ -572,21 +577,19 @@ def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
       3. the check: every latent has pre <= pre~ + u |pre~| + A_b (u: the output's rounding),
          so one outside the candidates has pre <= T_b = t_b + u |t_b| + A_b, and a token
          whose k_top-th fp32 value is >= T_b has its exact top k_top.
-    Tier 1 takes K = _SCREEN_K k_top = 2 k_top candidates; tier 2, 8 k_top for the tokens tier 1 left unsure;
-    the fp32 encoder decides any left after that. Measured: at d_model 768 with random inputs,
-    0.2-2% of tokens past tier 1, none past tier 2; the default run's trained SAE (d_model 128)
-    on 61,440 training activations, 7.6% past tier 1 and 0.05% past tier 2, in 145 ms a batch
-    of 4,096 (with 3 k_top candidates: 1.2% and 0.05%, in 150 ms). scratch["screen_counts"]
-    counts tokens in and past each tier."""
+    Tier 1 takes K = _SCREEN_K k_top = 2 k_top candidates; tier 2, 8 k_top for the tokens tier
+    1 left unsure; the fp32 encoder decides any left after that. Measured: at d_model 768 with
+    random inputs, 0.2-2% of tokens past tier 1, none past tier 2; the default run's trained
+    SAE (d_model 128) on 61,440 training activations, 7.6% past tier 1 and 0.05% past tier 2,
+    in 145 ms a batch of 4,096 (with 3 k_top candidates: 1.2% and 0.05%, in 150 ms).
+    scratch["screen_counts"] counts tokens in and past each tier."""
     B, d = x_c.shape
     n = len(W_enc)
     x16, W16, A = _bf16_operands(scratch, x_c, W_enc, b_enc)
     # tier 1 in chunks of _SCREEN_CHUNK elements, at least d rows (fewer would re-read W16 once
     # per chunk for little work: measured at d_model 128, 256 rows: 53 ms, 512 or more: 33-35)
     rows = min(B, max(_SCREEN_CHUNK // n, d))
-    buf = scratch.get("pre16")
-    if buf is None or buf.shape != (rows, n):
-        scratch["pre16"] = buf = x16.new_empty(rows, n)
+    buf = _kept(scratch, "pre16", x16, (rows, n), torch.bfloat16)
     cand, t = _bf16_candidates(x16, W16, buf, _SCREEN_K * k_top)
     vals, idx, unsure = _settle(x_c, W_enc, b_enc, cand, t, A, k_top)
     counts = scratch.setdefault("screen_counts", [0, 0, 0])  # over calls: tokens in, past tier 1, 2
