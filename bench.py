@@ -14,8 +14,8 @@ each straight after an untimed run of the same entry (see time_all):
   mm       the encoder matmul alone, into a reused buffer (fp32 on CPU, bf16 operands on CUDA)
   mm+topk  the same, then torch.topk over its output
   mm bf16  (CPU) the matmul with bf16 operands and output: the floor of the fast step's encoder
-           where it runs as sae.py's bf16 screen (CPUs with AMX), whose tokens past each of
-           its tiers are counted
+           where it runs as kernels.py's bf16 screen (CPUs with AMX), whose tokens past each
+           of its tiers are counted
   fast     a full training step as train.py runs it on the sparse fast path: forward with AuxK
            over --dead_frac dead latents, backward, decoder-gradient projection, fused Adam,
            decoder renormalization; fast0 is the same with no dead latents (no AuxK)
@@ -102,11 +102,9 @@ def memory_peak(device):
 def time_all(fns, device, warmup, runs):
     """{name: fn} -> {name: (median seconds, peak bytes)}, runs interleaved so that a change
     in machine load hits every entry alike. Each timed run follows an untimed run of the same
-    entry, as a training step follows a step: right after other work it runs slower (measured
-    at 768/32768/32/2048 on CPU, two bench runs each way, alternating: the fast step at 4,304
-    and 5,078 tokens/s timed straight after the other entries, 5,624 and 5,735 after itself).
-    Peak memory likewise from a second run in a row: the first may still hold the previous
-    entry's gradients (the dense step's, say)."""
+    entry, as a training step follows a step: right after other work a step runs slower (its
+    caches and buffers hold the other entry's data). Peak memory likewise from a second run in
+    a row: the first may still hold the previous entry's gradients (the dense step's, say)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -161,8 +159,7 @@ def bench_shape(d, n, k, B, args):
     torch.manual_seed(0)
     # a stream of batches, as in training: a step repeated on one batch overfits it, which
     # bunches its tokens' pre-activations at the TopK threshold and makes the CPU's bf16
-    # screen (sae.py) send most of them to its second tier (measured: 15% of tokens after
-    # four steps on one batch, all after ten; 0.2-0.5% on fresh batches)
+    # screen (kernels.py) send most of them to its second tier
     xs = itertools.cycle(torch.randn(16, B, d, device=device).unbind())
     x = next(xs)
     # the floor, with bf16 operands on CUDA as the autocast encoder matmul; random weights (its
@@ -170,7 +167,7 @@ def bench_shape(d, n, k, B, args):
     mm_dtype = torch.bfloat16 if cuda else torch.float32
     W, xc = torch.randn(n, d, device=device, dtype=mm_dtype), x.to(mm_dtype)
     buf = torch.zeros(B, n, dtype=mm_dtype, device=device)  # zeros: its pages are resident before `base`
-    # on CPU also the bf16 matmul, the floor of the encoder's bf16 screen (sae.py) on AMX
+    # on CPU also the bf16 matmul, the floor of the encoder's bf16 screen (kernels.py) on AMX
     W16, x16, buf16 = W.bfloat16(), xc.bfloat16(), torch.zeros(B, n, dtype=torch.bfloat16, device=device)
     base = memory_now(device)
     sae = SAE(SAEConfig(d_model=d, n_latents=n, k=k)).to(device)
@@ -340,8 +337,9 @@ def main(argv=None):
                    help="shapes d_model,n_latents,k,batch; default: the device's grid (see GRIDS)")
     p.add_argument("--quick", action="store_true", help="a tiny grid and a tiny train.py run: a smoke test in seconds")
     p.add_argument("--dead_frac", type=float, default=0.05,
-                   help="fraction of latents marked dead for AuxK (README: the default run ends at "
-                        "0.12-0.15%%, the same at 4x the learning rate at 7.3%%)")
+                   help="fraction of latents marked dead for AuxK (the README's Results give the "
+                        "dead fractions real runs end at)")
+
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each measurement (the median is reported)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense reference step (slow at large shapes)")

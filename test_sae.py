@@ -1,61 +1,51 @@
-"""Tests for sae.py: properties over random small shapes (hypothesis), the sparse fast path
-against the dense reference on each of its routes, init and decoder constraint, two short
-training runs, and a smoke run of bench.py."""
-import json
-
+"""Tests for sae.py, ordered like it: the config's checks, input normalization (paper §2.1),
+the TopK code (§2.3) and where its gradients go, the losses with known answers (FVU, AuxK,
+Multi-TopK, ReLU + L1), the initialization and the decoder constraint (App. A.1), bad input,
+checkpoints, and two short training runs on known directions. The fast path's equality with
+the dense reference is test_kernels.py's."""
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
-import bench
-import sae as sae_module
-from sae import SAE, SAEConfig, _topk, fvu, geometric_median
+from conftest import FEW, inputs, make, setups
+from sae import SAE, SAEConfig, fvu, geometric_median
 
-FEW = settings(deadline=None, max_examples=15)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread avoids OpenMP overhead, which dominates on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# ---- the config ----
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(k=0), r"k must be in \[1, n_latents=8\], got 0"),
+    (dict(k=9), r"k must be in \[1, n_latents=8\], got 9"),
+    (dict(k_aux=0), r"k_aux must be in \[1, n_latents=8\], got 0"),
+    (dict(k_aux=9), r"k_aux must be in \[1, n_latents=8\], got 9"),
+    (dict(activation="gelu"), r"activation must be 'topk' or 'relu', got 'gelu'"),
+    (dict(l1_coef=0.1), r"l1_coef must be >= 0, and 0 unless activation='relu', got 0.1"),
+    (dict(activation="relu", multi_topk=True), r"multi_topk must be False when"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SAEConfig(**{"d_model": 4, "n_latents": 8, "k": 2, **kw})
 
 
-@st.composite
-def setups(draw):
-    """(d_model, n_latents, k, batch, seed, input scale): tiny shapes, k <= n_latents.
-    d_model >= 3: at 2, normalized tokens are +-(1, -1)/sqrt(2) and a batch can have no
-    variance, where FVU is undefined."""
-    d, n = draw(st.integers(3, 16)), draw(st.integers(2, 64))
-    return (d, n, draw(st.integers(1, n)), draw(st.integers(2, 32)),
-            draw(st.integers(0, 2**31 - 1)), draw(st.floats(1e-2, 1e2)))
+# ---- normalization ----
 
-
-def make(d, n, k, seed, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_model=d, n_latents=n, k=k, **kw)).to(dtype)
-    with torch.no_grad():  # non-zero biases, so that the tests exercise them
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_pre.normal_(0, 0.1)
-    return sae
-
-
-def inputs(B, d, seed, scale=1.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed + 1)
-    return scale * (torch.randn(B, d, generator=g, dtype=dtype) + torch.randn(d, generator=g, dtype=dtype))
-
-
-def grads(sae):
-    return {name: p.grad.clone() for name, p in sae.named_parameters()}
-
-
-def assert_rel(a, b, tol):
-    """||a - b|| <= tol * ||b|| (plus a floor for b == 0)."""
-    a, b = a.double(), b.double()
-    assert (a - b).norm() <= tol * b.norm() + 1e-12, ((a - b).norm() / b.norm()).item()
+@FEW
+@given(setups(), st.booleans())
+def test_normalization_round_trips_and_inputs_are_not_modified(setup, normalize):
+    d, n, k, B, seed, scale = setup
+    sae = make(d, n, k, seed, normalize=normalize)
+    x = inputs(B, d, seed, scale)
+    x[0] = 3.0  # a constant token has zero norm after centering
+    x_copy = x.clone()
+    x_n, mu, scale_ = sae.normalize_input(x)
+    torch.testing.assert_close(sae.denormalize(x_n, mu, scale_), x)
+    if normalize:
+        torch.testing.assert_close(x_n[1:].norm(dim=1), torch.ones(B - 1, dtype=x.dtype))
+        torch.testing.assert_close(x_n.mean(1), torch.zeros(B, dtype=x.dtype))
+    sae.encode(x), sae.reconstruct(x), sae(x, dead_mask=torch.ones(n, dtype=torch.bool))
+    assert torch.equal(x, x_copy)
 
 
 # ---- the TopK code ----
@@ -104,203 +94,6 @@ def test_auxk_gradients_only_reach_dead_latents(setup):
         assert (p.grad[~dead] == 0).all()
 
 
-def run_path(sae, x, dead, dense):
-    """One forward and backward on the fast or the dense path -> (SAEOutput, gradients)."""
-    sae.zero_grad(set_to_none=True)
-    out = sae(x, dead_mask=dead, dense=dense)
-    out.loss.backward()
-    return out, grads(sae)
-
-
-# ---- fast path == dense reference ----
-
-@FEW
-@given(setups(), st.booleans(), st.sampled_from([0.0, 0.3, 1.0]))
-def test_fast_path_equals_dense_reference(setup, multi_topk, dead_frac):
-    d, n, k, B, seed, scale = setup
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-        sae = make(d, n, k, seed, dtype, multi_topk=multi_topk, k_aux=max(1, n // 3))
-        x = inputs(B, d, seed, scale, dtype)
-        dead = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < dead_frac
-        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
-        assert torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
-        for name in ("loss", "fvu", "aux_loss", "multi_loss", "l0", "vals", "x_hat"):
-            assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
-        for name in g_ref:
-            assert_rel(g_fast[name], g_ref[name], tol)
-
-
-@pytest.mark.parametrize("multi_topk", [False, True])
-@pytest.mark.parametrize("auxk_block_ratio", [0, 10**9])  # the AuxK code always sparse, always a block
-@pytest.mark.parametrize("dead_frac", [0.05, 0.3, 1.0])  # AuxK pre-activations by a second matmul; dead first
-@pytest.mark.parametrize("chunk", [1 << 22, 10_000])  # the encoder in one chunk; in chunks of 10 rows
-@pytest.mark.parametrize("dense_backward", [False, True])  # the CPU's CSR kernels; CUDA's dense matmuls
-@pytest.mark.parametrize("screen", [False, True])  # fp32 encoder; bf16 screen (fp32 only), with or without AMX
-def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk, auxk_block_ratio, dead_frac,
-                                                         chunk, dense_backward, screen):
-    """Shapes large enough for the two-stage TopK (n = 1000 leaves a tail of 1000 % 16 columns)
-    and for both ways of reading the dead latents' pre-activations; both backward kernels;
-    the encoder in fp32 and as the bf16 screen."""
-    monkeypatch.setattr(sae_module, "_BF16_SCREEN", screen)
-    monkeypatch.setattr(sae_module, "_AUXK_BLOCK_RATIO", auxk_block_ratio)
-    monkeypatch.setattr(sae_module, "_CHUNK", chunk)
-    monkeypatch.setattr(sae_module, "_dense_backward", lambda t: dense_backward)
-    d, n, k, B = 8, 1000, 3, 64
-    dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-        sae, x = make(d, n, k, 0, dtype, multi_topk=multi_topk, k_aux=8), inputs(B, d, 0, 1.0, dtype)
-        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
-        assert fast.aux_loss > 0 and torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
-        for name in ("loss", "fvu", "aux_loss", "multi_loss", "vals", "x_hat"):
-            assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
-        for name in g_ref:
-            assert_rel(g_fast[name], g_ref[name], tol)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-5)])
-def test_dense_backward_under_autocast(monkeypatch, dtype, tol):
-    """Under autocast the dense (CUDA) backward runs its matmuls in bfloat16 and agrees with the
-    CSR backward to bfloat16's precision; under float16 autocast it stays in float32 (fp16
-    gradients would underflow), so it agrees to float32's. Gradients come back in float32."""
-    sae, x = make(16, 600, 4, 0, torch.float32, k_aux=8), inputs(256, 16, 0, 1.0, torch.float32)
-    dead = torch.rand(600, generator=torch.Generator().manual_seed(0)) < 0.3
-    g = {}
-    for dense_backward in (False, True):
-        monkeypatch.setattr(sae_module, "_dense_backward", lambda t: dense_backward)
-        sae.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype):  # the forward only, as train.py runs it
-            out = sae(x, dead_mask=dead)
-        out.loss.backward()
-        g[dense_backward] = grads(sae)
-    g_csr, g_dense = g[False], g[True]
-    assert out.aux_loss > 0
-    for name in g_csr:
-        assert g_dense[name].dtype == torch.float32
-        assert_rel(g_dense[name], g_csr[name], tol)
-    if dtype == torch.bfloat16:  # it did run in bfloat16 (measured: 1.6e-3 apart)
-        assert (g_dense["W_enc"] - g_csr["W_enc"]).norm() > 1e-4 * g_csr["W_enc"].norm()
-
-
-def test_gradient_buffers_are_reused_but_never_overwrite_a_held_gradient():
-    """The CPU backward writes W_enc's and W_dec's gradients into last step's memory once
-    zero_grad(set_to_none=True) has dropped them, and into new memory while anything still
-    holds them: a caller's reference, or .grad itself when gradients accumulate."""
-    d, n, k, B = 8, 200, 3, 32
-    sae, dead = make(d, n, k, 0, torch.float32, k_aux=8), torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.3
-    x1, x2 = inputs(B, d, 1, dtype=torch.float32), inputs(B, d, 2, dtype=torch.float32)
-    weights = (sae.W_enc, sae.W_dec)
-
-    def backward(x, zero=True):
-        if zero:
-            sae.zero_grad(set_to_none=True)
-        sae(x, dead_mask=dead).loss.backward()
-        return [W.grad for W in weights]
-
-    g1 = [g.clone() for g in backward(x1)]
-    ptrs = [W.grad.data_ptr() for W in weights]
-    g2 = [g.clone() for g in backward(x2)]
-    assert [W.grad.data_ptr() for W in weights] == ptrs  # reused
-    held = backward(x1)  # the caller keeps these tensors
-    backward(x2)
-    assert all(torch.equal(h, g) for h, g in zip(held, g1))  # not overwritten by the x2 step
-    assert all(W.grad.data_ptr() != h.data_ptr() for W, h in zip(weights, held))
-    backward(x1)
-    acc = backward(x2, zero=False)  # accumulated over two backward passes
-    for a, a1, a2 in zip(acc, g1, g2):
-        assert_rel(a, a1 + a2, 1e-6)
-
-
-@FEW
-@given(st.integers(1, 6), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
-def test_two_stage_topk_equals_torch_topk(B, n, k, seed, ties):
-    """Values exactly torch.topk's, sorted; indices point at them, distinct (they may differ
-    from torch.topk's between ties). Also on a column slice, as the AuxK code uses it."""
-    k = min(k, n)
-    g = torch.Generator().manual_seed(seed)
-    wide = (torch.randint(0, 4, (B, n + 7), generator=g).double() if ties
-            else torch.randn(B, n + 7, generator=g, dtype=torch.float64))
-    for x in (wide[:, 7:].contiguous(), wide[:, :n]):
-        for block in (2, 3, 16):
-            vals, idx = _topk(x, k, block)
-            assert torch.equal(vals, x.topk(k, dim=1).values)
-            assert torch.equal(x.gather(1, idx), vals) and (idx.sort(1).values.diff(dim=1) > 0).all()
-
-
-# ---- the CPU's bf16 screen (sae.py _screened_topk) ----
-
-def bf16_error_bound_holds(x, W, b):
-    """Whether every exact pre-activation (float64) lies within A_b + u |pre~| of the screen's
-    bf16 one; also -> the largest share of that bound an entry used."""
-    x16, W16, A = sae_module._bf16_operands({}, x, W, b)
-    pre16 = (x16 @ W16.t()).double()
-    bound = A.double().unsqueeze(1) + sae_module._BF16_U * pre16.abs()
-    err = (x.double() @ W.double().t() + b.double() - pre16).abs()
-    return bool((err <= bound).all()), (err / bound).max().item()
-
-
-@FEW
-@given(st.integers(1, 32), st.integers(1, 40), st.integers(1, 200), st.integers(0, 2**31 - 1),
-       st.floats(-6, 6), st.floats(-6, 6), st.floats(-6, 6))
-def test_bf16_screen_error_bound_holds(B, d, n, seed, log_x, log_W, log_b):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, d, generator=g) * 10 ** log_x
-    W = torch.randn(n, d, generator=g) * 10 ** log_W * torch.rand(n, 1, generator=g)  # rows of many norms
-    b = torch.randn(n, generator=g) * 10 ** log_b
-    assert bf16_error_bound_holds(x, W, b)[0]
-
-
-def test_bf16_screen_error_bound_is_tight_where_rounding_aligns():
-    """Each Cauchy-Schwarz term is nearly reached: a latent whose row points along the
-    token's rounding residual (the ||r|| ||W|| term), and a token along a row's residual
-    (the ||x|| ||R|| term). Dropping either term breaks the bound here."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 64, generator=g)
-    r = x - x.bfloat16().float()
-    W1 = F.normalize(torch.randn(8, 64, generator=g), dim=1).bfloat16().float()  # R = 0
-    W1[:4] = F.normalize(r, dim=1).bfloat16().float()  # W_j ~ r_j / ||r_j||
-    W2 = F.normalize(torch.randn(8, 64, generator=g), dim=1)
-    R = W2 - W2.bfloat16().float()
-    x2 = (3 * F.normalize(R[:4], dim=1)).bfloat16().float()  # r = 0, x ~ R_j / ||R_j||
-    for xs, W in ((x, W1), (x2, W2)):
-        ok, used = bf16_error_bound_holds(xs, W, torch.zeros(8))
-        assert ok and used > 0.5, used
-
-
-def near_duplicate_latents(groups, size, d, eps, seed):
-    """W (groups * size, d): `groups` random unit directions, each repeated `size` times with
-    relative perturbations eps, far below bf16's resolution for eps ~ 1e-4."""
-    g = torch.Generator().manual_seed(seed)
-    base = F.normalize(torch.randn(groups, d, generator=g), dim=1).repeat_interleave(size, 0)
-    return base + eps * torch.randn(groups * size, d, generator=g) / d ** 0.5
-
-
-@pytest.mark.parametrize("case, past_tier_1, past_tier_2", [
-    ("random", None, None),     # tier 1 settles nearly every token
-    ("groups of 12", ">0", 0),  # 12 near-equal latents > tier 1's 8 candidates: tier 2 settles them
-    ("groups of 64", ">0", ">0"),  # more than tier 2's 32 too: the fp32 encoder decides
-])
-@pytest.mark.parametrize("chunk", [1 << 25, 0])  # the batch in one chunk; in chunks of d_model rows
-def test_bf16_screen_returns_the_exact_top_k(monkeypatch, case, past_tier_1, past_tier_2, chunk):
-    monkeypatch.setattr(sae_module, "_SCREEN_CHUNK", chunk)
-    B, d, k = 80, 32, 4
-    g = torch.Generator().manual_seed(1)
-    if case == "random":
-        W = torch.randn(1024, d, generator=g)
-    else:
-        W = near_duplicate_latents(1024 // int(case.split()[-1]), int(case.split()[-1]), d, 1e-4, 1)
-    b = 0.01 * torch.randn(len(W), generator=g)
-    x = torch.randn(B, d, generator=g)
-    scratch = {}
-    vals, idx = sae_module._screened_topk(scratch, x, W, b, k)
-    exact = (x.double() @ W.double().t() + b.double()).topk(k, dim=1)
-    assert torch.equal(idx, exact.indices)  # no ties: near-duplicates differ by ~1e-4, far above fp32's rounding
-    torch.testing.assert_close(vals.double(), exact.values, rtol=1e-6, atol=1e-6)
-    tokens, *counts = scratch["screen_counts"]
-    assert tokens == B
-    for count, want in zip(counts, (past_tier_1, past_tier_2)):
-        assert want is None or (count > 0 if want == ">0" else count == want), counts
-
-
 # ---- losses ----
 
 @FEW
@@ -311,6 +104,31 @@ def test_fvu_zero_one_and_scale_invariant(setup, c):
     assert fvu(x, x) == 0
     torch.testing.assert_close(fvu(x, x.mean(0).expand_as(x)), torch.tensor(1.0, dtype=x.dtype))
     torch.testing.assert_close(fvu(c * x, c * x_hat), fvu(x, x_hat))
+
+
+def test_auxk_loss_known_answer():
+    """AuxK by hand (paper §2.4, App. A.2), normalization off: d_model 2, three latents, k 1,
+    latent 2 dead. W_dec rows (1, 0), (0, 1), (0.8, 0.6); W_enc = W_dec / 2; b_pre (0.1, 0.2).
+    x = (1, 0), (0, 2): x - b_pre = (0.9, -0.2), (-0.1, 1.8); pre-activations (0.45, -0.1,
+    0.30) and (-0.05, 0.9, 0.50): TopK keeps latent 0 (0.45) and latent 1 (0.9), so
+    x_hat = (0.55, 0.2), (0.1, 1.1), e = x - x_hat = (0.45, -0.2), (-0.1, 0.9) and the main
+    FVU is (0.2425 + 0.82) / 2.5 = 0.425. The dead latent's values 0.30 and 0.50 give
+    e_hat = (0.24, 0.18), (0.40, 0.30), with no b_pre; ||e - e_hat||^2 = 0.1885 + 0.61, and
+    e's variance about its mean (0.175, 0.35) is 2 * 0.378125. Adding b_pre to e_hat, as
+    some libraries once did, gives 0.8685 / 0.75625 instead."""
+    sae = SAE(SAEConfig(d_model=2, n_latents=3, k=1, k_aux=1, normalize=False)).double()
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]))
+        sae.W_enc.copy_(sae.W_dec / 2)
+        sae.b_pre.copy_(torch.tensor([0.1, 0.2]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    dead = torch.tensor([False, False, True])
+    aux = (0.1885 + 0.61) / (2 * 0.378125)
+    for dense in (False, True):
+        out = sae(x, dead_mask=dead, dense=dense)
+        torch.testing.assert_close(out.fvu, torch.tensor(0.425, dtype=torch.float64))
+        torch.testing.assert_close(out.aux_loss, torch.tensor(aux, dtype=torch.float64))
+        torch.testing.assert_close(out.loss, torch.tensor(0.425 + aux / 32, dtype=torch.float64))
 
 
 def test_multi_topk_loss_is_k_plus_4k_over_8():
@@ -332,25 +150,6 @@ def test_relu_baseline_loss_is_fvu_plus_weighted_l1():
     assert torch.equal(out.fired, (z > 0).any(0))
 
 
-# ---- normalization ----
-
-@FEW
-@given(setups(), st.booleans())
-def test_normalization_round_trips_and_inputs_are_not_modified(setup, normalize):
-    d, n, k, B, seed, scale = setup
-    sae = make(d, n, k, seed, normalize=normalize)
-    x = inputs(B, d, seed, scale)
-    x[0] = 3.0  # a constant token has zero norm after centering
-    x_copy = x.clone()
-    x_n, mu, scale_ = sae.normalize_input(x)
-    torch.testing.assert_close(sae.denormalize(x_n, mu, scale_), x)
-    if normalize:
-        torch.testing.assert_close(x_n[1:].norm(dim=1), torch.ones(B - 1, dtype=x.dtype))
-        torch.testing.assert_close(x_n.mean(1), torch.zeros(B, dtype=x.dtype))
-    sae.encode(x), sae.reconstruct(x), sae(x, dead_mask=torch.ones(n, dtype=torch.bool))
-    assert torch.equal(x, x_copy)
-
-
 # ---- init and the decoder constraint ----
 
 def test_init_encoder_is_a_copy_of_unit_decoder_rows():
@@ -360,6 +159,7 @@ def test_init_encoder_is_a_copy_of_unit_decoder_rows():
 
 
 def test_init_encoder_scale_gives_unit_norm_reconstructions():
+    torch.manual_seed(1)
     sae = SAE(SAEConfig(d_model=16, n_latents=256, k=8))
     with torch.no_grad():
         sae.b_pre.normal_()
@@ -414,22 +214,6 @@ def test_decoder_projection_and_renormalization(setup):
     opt.step()
     sae.normalize_decoder()
     assert ((sae.W_dec.norm(dim=1) - 1).abs() <= 1e-6).all()
-
-
-# ---- bad input ----
-
-@pytest.mark.parametrize("kw, match", [
-    (dict(k=0), r"k must be in \[1, n_latents=8\], got 0"),
-    (dict(k=9), r"k must be in \[1, n_latents=8\], got 9"),
-    (dict(k_aux=0), r"k_aux must be in \[1, n_latents=8\], got 0"),
-    (dict(k_aux=9), r"k_aux must be in \[1, n_latents=8\], got 9"),
-    (dict(activation="gelu"), r"activation must be 'topk' or 'relu', got 'gelu'"),
-    (dict(l1_coef=0.1), r"l1_coef must be >= 0, and 0 unless activation='relu', got 0.1"),
-    (dict(activation="relu", multi_topk=True), r"multi_topk must be False when"),
-])
-def test_bad_config(kw, match):
-    with pytest.raises(ValueError, match=match):
-        SAEConfig(**{"d_model": 4, "n_latents": 8, "k": 2, **kw})
 
 
 def test_bad_input():
@@ -516,22 +300,3 @@ def test_auxk_revives_dead_latents(seed):
         fired = train(sae, F, n_active=3, steps=300, lr=3e-3, auxk=auxk, seed=seed)
         dead[auxk] = 1 - fired.float().mean().item()
     assert dead[True] <= 0.1 and dead[False] >= 0.3, dead
-
-
-# ---- bench.py ----
-
-def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
-    bench.main(["--quick", "--json", "--profile", "--model", tiny_gpt_ckpt])
-    res = json.loads(capsys.readouterr().out)
-    r = res["shapes"][0]
-    prof = r["profile"]
-    assert set(prof["phases_ms"]) == set(bench.PHASES) and all(ms > 0 for ms in prof["phases_ms"].values())
-    assert any(o["op"] == "_SparseEncode" for o in prof["top_ops"])
-    assert set(r["ms"]) == set(r["tokens_per_s"]) == {"mm", "mm_topk", "mm_bf16", "fast", "fast0", "dense"}
-    assert all(r[key] > 0 for key in ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_mm_bf16",
-                                      "fast_over_dense"))
-    if sae_module._BF16_SCREEN:  # the quick shape's fast steps ran the screen
-        assert r["screen"]["tokens"] > 0 and 0 <= r["screen"]["past_tier_2"] <= r["screen"]["past_tier_1"] <= 1
-    assert "memory_gb" in r  # None off Linux
-    assert res["activations"]["tokens_per_s"] > 0
-    assert 0 < res["train"]["useful_share"] <= 1 and res["train"]["tokens_per_s"] > 0

@@ -1,0 +1,477 @@
+"""The fast path of sae.py's SAE, as the paper's released code keeps kernels.py beside
+model.py: the same numbers as the dense reference (SAE.recon_dense), up to floating-point
+rounding and the order of tied latents, in O(B * (k + k_aux) * d_model) work after one dense
+encoder matmul. test_kernels.py proves the equality on every route below.
+
+What is here, in the order a step runs it:
+- sparse_recon: the entry sae.py calls, returning what SAE.recon_dense returns.
+- the encoder (_SparseEncode): pre-activations in cache-sized chunks, a two-stage TopK
+  (topk), AuxK's code over the dead latents; on CPUs with AMX the TopK comes from a bf16
+  screen checked in fp32 (_screened_topk), exact all the same. Its backward touches only
+  the selected latents.
+- the decoder (_SparseDecode): embedding_bag sums of the selected rows; backward by CSR
+  matrices on CPU and dense matmuls on CUDA.
+- buffers kept across steps on CPU, so that a step does not fault in fresh memory.
+The reasons for each choice are in the comments; the measurements behind them are in the
+README's Performance section. Citation tags as in sae.py ([code]: openai/sparse_autoencoder).
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+# Elements per chunk for CPU work done in chunks that stay in cache: the encoder's (~16 MB of
+# fp32, a chunk of pre-activations) and the row-wise decoder ops' (~1 MB, within one core's L2).
+_CHUNK = 1 << 22
+_ROW_CHUNK = 1 << 18
+
+
+def sparse_recon(sae, x_n, k_top, dead_idx, k_aux):
+    """SAE.recon_dense's (vals, idx, x_hat, x_hat_multi, e_hat) for the SAE sae, from one
+    dense encoder matmul; everything after it costs O(B * (k_top + k_aux) * d), or
+    O(B * n_dead * d) in dense matmuls while few latents are dead."""
+    k = sae.cfg.k
+    vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
+        x_n, sae.W_enc, sae.b_enc, sae.b_pre, k_top, dead_idx, k_aux, sae._scratch)
+    codes = [(vals[:, :k], idx[:, :k])]
+    if k_top > k:  # L(4k) reuses the k-code reconstruction and adds the next 3k latents
+        codes.append((vals[:, k:], idx[:, k:]))
+    if k_aux:
+        codes.append((aux_vals, aux_idx))
+    outs = sparse_decode(sae.W_dec, codes, sae._scratch)  # one (B, d) per code
+    x_hat = outs[0] + sae.b_pre
+    x_hat_multi = x_hat + outs[1] if k_top > k else x_hat
+    e_hat = outs[-1] if k_aux else None
+    return vals, idx, x_hat, x_hat_multi, e_hat
+
+
+def row_chunks(m):
+    """An (n, d) matrix as chunks of rows, _ROW_CHUNK elements each on CPU: a row-wise op done
+    chunk by chunk reads each chunk back from cache instead of memory, and a temporary such
+    as vecdot's product stays small and is reused from the heap instead of mapped afresh.
+    On GPU, one chunk: chunks would only add kernel launches."""
+    return m.split(max(1, _ROW_CHUNK // m.shape[1]) if m.device.type == "cpu" else len(m))
+
+
+# The AuxK code is a dense block over the dead latents while there are at most this many
+# times k_aux of them: every token then picks a large share of them, and dense matmuls beat
+# per-entry gathers (the measured break-even: README, Performance).
+_AUXK_BLOCK_RATIO = 12
+
+
+def topk(x, k, block=16):
+    """torch.topk(x, k, dim=1) for x (B, n): values sorted descending, indices into dim 1.
+    In two stages when n is large: the maximum of each of n // block strided blocks of
+    columns, then the top k among the k best blocks' columns and the n % block leftover ones
+    (on CPU the k best blocks are found the same way, recursively). Every value of the top k
+    lies in those (a block holding one but not chosen would give k + 1 values above the k-th),
+    so values are exact; indices can differ from torch.topk only between ties. It sorts only
+    k * block values a row, where torch.topk partially sorts the whole row on CPU and runs a
+    radix select over it on GPU."""
+    B, n = x.shape
+    if 4 * block * k > n:
+        return x.topk(k, dim=1)
+    nb = n // block
+    blocks = x[:, :nb * block].view(B, block, nb)  # blocks[b, t, j] = x[b, t * nb + j]: block j
+    maxima = blocks.amax(1)  # (B, nb)
+    # (B, k) block ids; on CPU by the same two stages while there are many blocks; on GPU
+    # each level would add kernel launches
+    best = (topk(maxima, k, block) if x.device.type == "cpu" else maxima.topk(k, dim=1, sorted=False))[1]
+    cols = (best.unsqueeze(1) + nb * torch.arange(block, device=x.device).view(1, block, 1)).view(B, block * k)
+    if nb * block < n:
+        cols = torch.cat([cols, torch.arange(nb * block, n, device=x.device).expand(B, -1)], 1)
+    vals, pos = x.gather(1, cols).topk(k, dim=1)
+    return vals, cols.gather(1, pos)
+
+
+def _auxk_code(pre_dead, dead_idx, k_aux):
+    """The dead latents' pre-activations (B, n_dead) -> the AuxK code (paper §2.4): each
+    token's top k_aux of them, ReLU'd, as aux_vals, aux_idx. With few dead latents it is a
+    dense block, aux_vals (B, n_dead) over the columns aux_idx = dead_idx, zero outside each
+    token's top k_aux; otherwise sparse, (B, k_aux) each."""
+    n_dead = len(dead_idx)
+    if n_dead > _AUXK_BLOCK_RATIO * k_aux:
+        aux_vals, local = topk(pre_dead, k_aux)
+        return aux_vals.relu(), dead_idx[local]
+    if k_aux < n_dead:
+        top, local = pre_dead.topk(k_aux, dim=1, sorted=False)
+        return torch.zeros_like(pre_dead).scatter_(1, local, top).relu_(), dead_idx
+    return pre_dead.relu(), dead_idx
+
+
+# ---- the encoder ----
+
+class _SparseEncode(torch.autograd.Function):
+    """(x_n, W_enc, b_enc, b_pre) -> the TopK code vals, idx (B, k_top), ReLU'd and sorted
+    descending, and the AuxK code aux_vals, aux_idx (see _auxk_code).
+    The one dense matmul of a step; under torch.autocast it runs in the autocast dtype
+    (addmm is on autocast's low-precision list) and the codes come back in W_enc's dtype; in
+    fp32 on a CPU with AMX it runs in bf16 as a screen checked in fp32 (_screened_topk).
+    Backward touches only the selected latents and computes no input gradient."""
+
+    @staticmethod
+    def forward(ctx, x_n, W_enc, b_enc, b_pre, k_top, dead_idx, k_aux, scratch):
+        ctx.set_materialize_grads(False)
+        x_c = x_n - b_pre  # (B, d)
+        # AuxK reads the same pre-activations: one encoder pass serves both losses. When the
+        # dead latents' (B, n_dead) outweigh W_enc, the encoder's rows go dead latents first,
+        # so that theirs are pre's leading columns, for the price of copying W_enc; else a
+        # second, small matmul recomputes them. Either beats gathering scattered columns of
+        # pre, a strided read of all of it. Under the bf16 screen pre's values are bf16, so
+        # always the second matmul.
+        n_dead, W, b = len(dead_idx), W_enc, b_enc
+        screen = _screen(x_c, len(W_enc), k_top)
+        permute = k_aux and not screen and W_enc.numel() <= len(x_c) * n_dead
+        if permute:
+            live = torch.ones(len(W_enc), dtype=torch.bool, device=W_enc.device).index_fill_(0, dead_idx, False)
+            order = torch.cat([dead_idx, live.nonzero().squeeze(1)])
+            W, b = W_enc[order], b_enc[order]  # (n, d) copy
+        # The one dense matmul, then TopK; sorted: Multi-TopK's top k come first.
+        if screen:
+            (vals, idx), pre_dead = _screened_topk(scratch, x_c, W_enc, b_enc, k_top), x_c[:, :0]
+        else:
+            vals, idx, pre_dead = _preacts_topk(scratch, x_c, W, b, k_top, n_dead if permute else 0)
+        if permute:
+            idx = order[idx]
+        elif k_aux:
+            pre_dead = torch.addmm(b_enc[dead_idx], x_c, W_enc[dead_idx].t())
+        if k_aux:
+            aux_vals, aux_idx = _auxk_code(pre_dead, dead_idx, k_aux)
+        else:
+            aux_vals, aux_idx = pre_dead, dead_idx  # (B, 0)
+        ctx.mm_dtype, ctx.scratch = _backward_dtype(W_enc), scratch
+        vals, aux_vals = vals.relu().to(W_enc.dtype), aux_vals.to(W_enc.dtype)
+        ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _, g_aux, __):
+        x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        # The gradient w.r.t. the pre-activations at the selected entries, 0 where the
+        # ReLU clipped or (in a block) the latent was not selected.
+        codes = [(i, g * (v > 0)) for v, i, g in ((vals, idx, g_vals), (aux_vals, aux_idx, g_aux))
+                 if g is not None and i.numel() > 0]
+        if not codes:
+            return (None,) * 8
+        if _dense_backward(x_c):
+            # G (B, n_latents), zero off the codes: forward's matmul transposed. scatter_add_:
+            # a dead latent in a token's TopK and AuxK codes gets both gradients.
+            G = x_c.new_zeros(len(x_c), len(W_enc), dtype=ctx.mm_dtype)
+            for i, g in codes:
+                if i.dim() == 2:
+                    G.scatter_add_(1, i, g.to(G.dtype))
+                else:  # a dense block: its columns i
+                    G.index_add_(1, i, g.to(G.dtype))
+            grad_W_enc = (G.t() @ x_c.to(G.dtype)).to(W_enc.dtype)  # (n_latents, d)
+        else:
+            sparse = [(i, g) for i, g in codes if i.dim() == 2]
+            if sparse:  # AuxK's sparse entries join the TopK ones in one sparse matrix
+                S_t, _ = _codes_csr_t([i for i, _ in sparse], [g for _, g in sparse], W_enc.shape[0])
+                grad_W_enc = _spmm(S_t, x_c.repeat(len(sparse), 1),  # (n_latents, d)
+                                   _grad_buffer(ctx.scratch, "W_enc", x_c, W_enc.shape))
+            else:
+                grad_W_enc = x_c.new_zeros(W_enc.shape)
+            for i, g in codes:
+                if i.dim() == 1:  # a dense block over the latents i: (n_i, B) @ (B, d)
+                    grad_W_enc.index_add_(0, i, g.t() @ x_c)
+        grad_b_enc = x_c.new_zeros(W_enc.shape[0])  # (n_latents,)
+        for i, g in codes:  # not G.sum(0, dtype=...): on CUDA that made an fp32 copy of G
+            if i.dim() == 2:
+                grad_b_enc.index_add_(0, i.reshape(-1), g.reshape(-1))
+            else:
+                grad_b_enc.index_add_(0, i, g.sum(0))
+        # [code] b_pre (encoder side): d pre / d b_pre = -W_enc, so one mat-vec.
+        grad_b_pre = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
+        return None, grad_W_enc, grad_b_enc, grad_b_pre, None, None, None, None
+
+
+def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
+    """The encoder and TopK: pre-activations pre = x_c W_enc^T + b_enc (B, n_latents) -> vals,
+    idx (B, k_top), each token's top k_top sorted descending, and pre[:, :n_lead].
+
+    On CPU, in chunks of rows, each selected from right after its matmul, into a buffer kept
+    in scratch across steps (a fresh buffer costs page faults on top of the write). A chunk
+    has max(d_model, _CHUNK / n_latents) rows: with a small W_enc the matmul is bound by
+    writing pre, and the chunk is still in cache for TopK instead of read back from memory;
+    with at least d_model rows, re-reading W_enc per chunk costs no more than the chunk
+    itself. No (B, n) buffer either way. On GPU, and
+    under CPU autocast (which out= bypasses), a plain addmm: CUDA's caching allocator already
+    reuses memory."""
+    B, n = len(x_c), len(W_enc)
+    if x_c.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        pre = torch.addmm(b_enc, x_c, W_enc.t())
+        return *topk(pre, k_top), pre[:, :n_lead]
+    rows = min(B, max(_CHUNK // n, x_c.shape[1]))
+    buf = _kept(scratch, "pre", x_c, (rows, n), x_c.dtype)
+    vals, lead = x_c.new_empty(B, k_top), x_c.new_empty(B, n_lead)
+    idx = torch.empty(B, k_top, dtype=torch.long, device=x_c.device)
+    for s in range(0, B, rows):
+        pre = torch.addmm(b_enc, x_c[s:s + rows], W_enc.t(), out=buf[:min(rows, B - s)])
+        vals[s:s + rows], idx[s:s + rows] = topk(pre, k_top)
+        lead[s:s + rows] = pre[:, :n_lead]
+    return vals, idx, lead
+
+
+# ---- the bf16 screen (CPUs with AMX) ----
+
+# On a CPU with AMX (bf16 matrix units) a bf16 matmul runs several times faster than fp32;
+# there the encoder's TopK is a bf16 screen checked in fp32, which returns fp32's exact top k
+# (_screened_topk). Elsewhere the plain fp32 encoder (_preacts_topk).
+_BF16_SCREEN = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+_SCREEN_CHUNK = 1 << 25  # bf16 pre-activations at a time (64 MB): bounds the peak memory
+_SCREEN_K = 2  # tier 1's candidates per token, in multiples of k
+_BF16_U = 2.0 ** -7  # bf16's unit roundoff 2^-8 (8-bit significand), doubled to spare
+
+
+def _screen(x_c, n, k_top):
+    """Whether the encoder's TopK runs as _screened_topk: fp32 on a CPU with AMX, outside
+    autocast, and n_latents large enough that the candidates (up to 8 k_top, in tier 2) are a
+    small share of them."""
+    return (_BF16_SCREEN and x_c.device.type == "cpu" and x_c.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and n >= 8 * k_top)
+
+
+def _bf16_operands(scratch, x_c, W_enc, b_enc):
+    """The screen's operands: x16 (B, d + 1) = [bf16(x_c), 1], W16 (n, d + 1) = [bf16(W_enc),
+    bf16(b_enc)] (kept in scratch), and A (B,) with |pre - acc| <= A_b for every latent,
+    pre = x_c W_enc^T + b_enc exactly and acc = x16 W16^T accumulated in fp32, as a bf16
+    matmul does before rounding its output. Cauchy-Schwarz: x W_j - x~ W~_j = r W_j + x~ R_j,
+    with r, R_j what rounding x_c and W_enc's rows drops, so it is at most
+    ||r|| ||W_j|| + ||x~|| ||R_j||; plus b_enc's rounding and fp32 accumulation (here and in the
+    fp32 values the screen checks against), with 0.1% to spare for the norms' own rounding
+    and 1e-30 for denormals that bf16 hardware flushes."""
+    B, d = x_c.shape
+    n = len(W_enc)
+    W16 = _kept(scratch, "W16", W_enc, (n, d + 1), torch.bfloat16)
+    # max_j ||R_j|| and max_j ||W_j||, ||R_j|| = ||bf16(W_j) - W_j|| (exact in fp32), in row
+    # chunks, so that each is read back from cache
+    rows = max(1, _ROW_CHUNK // d)
+    tmp, norms = x_c.new_empty(min(rows, n), d), x_c.new_empty(2, n)
+    for s in range(0, n, rows):
+        W_c, W16_c, R_c = W_enc[s:s + rows], W16[s:s + rows, :d], tmp[:min(rows, n - s)]
+        W16_c.copy_(W_c)
+        torch.linalg.vector_norm(R_c.copy_(W16_c).sub_(W_c), dim=1, out=norms[0, s:s + rows])
+        torch.linalg.vector_norm(W_c, dim=1, out=norms[1, s:s + rows])
+    R, W_norm = norms.amax(1)
+    W16[:, d].copy_(b_enc)
+    b_err = (b_enc - W16[:, d].float()).abs().max()
+    x16 = torch.ones(B, d + 1, dtype=torch.bfloat16, device=x_c.device)
+    x16[:, :d].copy_(x_c)
+    r = torch.linalg.vector_norm(x_c - x16[:, :d].float(), dim=1)  # (B,)
+    x_norm = torch.linalg.vector_norm(x_c, dim=1) + r  # >= ||x~||
+    gamma = 2 * (d + 1) * 2.0 ** -24
+    accumulation = gamma * (x_norm * (W_norm + R) + b_enc.abs().max() + b_err)
+    A = (r * W_norm + x_norm * R + b_err + accumulation) * (1 + 1e-3) + 1e-30
+    return x16, W16, A
+
+
+def _screened_topk(scratch, x_c, W_enc, b_enc, k_top):
+    """_preacts_topk's vals, idx (B, k_top) for fp32 inputs, exactly (up to fp32 rounding
+    and ties), from a bf16 matmul and a check:
+      1. the screen: pre~ = x16 W16^T (B, n) in bf16 (_bf16_operands: b_enc folded in as a
+         column), in row chunks; each token's top K of pre~ are its candidates, t_b the
+         smallest of their pre~;
+      2. the candidates' fp32 pre-activations (B * K dot products) and their top k_top;
+      3. the check: every latent has pre <= pre~ + u |pre~| + A_b (u: the output's rounding),
+         so one outside the candidates has pre <= T_b = t_b + u |t_b| + A_b, and a token
+         whose k_top-th fp32 value is >= T_b has its exact top k_top.
+    Tier 1 takes K = _SCREEN_K k_top = 2 k_top candidates; tier 2, 8 k_top for the tokens tier
+    1 left unsure; the fp32 encoder decides any left after that (how many reach each tier:
+    README, Performance). scratch["screen_counts"] counts tokens in and past each tier."""
+    B, d = x_c.shape
+    n = len(W_enc)
+    x16, W16, A = _bf16_operands(scratch, x_c, W_enc, b_enc)
+    # tier 1 in chunks of _SCREEN_CHUNK elements, at least d rows (fewer would re-read W16 once
+    # per chunk for little work)
+    rows = min(B, max(_SCREEN_CHUNK // n, d))
+    buf = _kept(scratch, "pre16", x16, (rows, n), torch.bfloat16)
+    cand, t = _bf16_candidates(x16, W16, buf, _SCREEN_K * k_top)
+    vals, idx, unsure = _settle(x_c, W_enc, b_enc, cand, t, A, k_top)
+    counts = scratch.setdefault("screen_counts", [0, 0, 0])  # over calls: tokens in, past tier 1, 2
+    counts[0] += B
+    counts[1] += len(unsure)
+    # tier 2, for the tokens tier 1 left unsure: their pre~ again, 8 k_top candidates. It matters
+    # where pre-activations bunch at the threshold, as on a batch trained on repeatedly.
+    if len(unsure) and 8 * k_top <= n:  # (_screen makes sure)
+        cand, t = _bf16_candidates(x16[unsure], W16, buf, 8 * k_top)
+        v, i, still = _settle(x_c[unsure], W_enc, b_enc, cand, t, A[unsure], k_top)
+        vals[unsure], idx[unsure] = v, i
+        unsure = unsure[still]
+    counts[2] += len(unsure)
+    if len(unsure):  # the fp32 encoder decides the rest
+        vals[unsure], idx[unsure], _ = _preacts_topk(scratch, x_c[unsure], W_enc, b_enc, k_top, 0)
+    return vals, idx
+
+
+def _bf16_candidates(x16, W16, buf, K):
+    """Step 1 of _screened_topk: each row's top K of pre~ = x16 W16^T -> cand (B, K) and t (B,),
+    the smallest of their pre~ in fp32. In chunks of buf's rows, into buf: tier 1 and tier 2
+    share it, so no bf16 rows are allocated by a size that varies from step to step."""
+    B, rows = len(x16), len(buf)
+    cand = torch.empty(B, K, dtype=torch.long, device=x16.device)
+    t = torch.empty(B, dtype=torch.float32, device=x16.device)
+    for s in range(0, B, rows):
+        pre16 = torch.mm(x16[s:s + rows], W16.t(), out=buf[:min(rows, B - s)])
+        top16, cand[s:s + rows] = topk(pre16, K, block=8)  # bf16 rows: smaller blocks pay here
+
+        t[s:s + rows] = top16[:, -1]
+    return cand, t
+
+
+def _settle(x_c, W_enc, b_enc, cand, t, A, k_top):
+    """Step 2 and 3 of _screened_topk for candidates cand (B, K), t (B,) the smallest of their
+    pre~ -> vals, idx (B, k_top), the top k_top of the candidates' fp32 values, and the
+    tokens (indices into B) for which the check fails, whose vals, idx may be wrong."""
+    vals, idx = _candidates_topk(x_c, W_enc, b_enc, cand, k_top)
+    T = t + _BF16_U * t.abs() + A  # every latent outside the candidates has pre <= T
+    return vals, idx, (vals[:, -1] < T).nonzero().squeeze(1)
+
+
+def _candidates_topk(x_c, W_enc, b_enc, cand, k_top):
+    """The top k_top of each token's fp32 pre-activations at its candidate latents cand (B, K),
+    sorted descending: a CSR pattern (B, n) with K entries a row holding b_enc at the
+    candidates, plus x_c W_enc^T sampled there (B * K dot products)."""
+    B, K = cand.shape
+    S = _csr(torch.arange(0, B * K + 1, K, device=x_c.device), cand.reshape(-1),
+             b_enc[cand].reshape(-1), (B, len(W_enc)))
+
+    pre = torch.sparse.sampled_addmm(S, x_c, W_enc.t()).values().view(B, K)
+    vals, pos = pre.topk(k_top, dim=1)
+    return vals, cand.gather(1, pos)
+
+
+# ---- the decoder ----
+
+class _SparseDecode(torch.autograd.Function):
+    """W_dec (n, d) and codes vals_0, idx_0, vals_1, idx_1, ... -> one (B, d) per code,
+    sum_j vals_i[:, j] W_dec[idx_i[:, j]], no bias. A code is sparse, vals and idx (B, K),
+    or a dense block, vals (B, m) over the latents idx (m,). All of a step's codes go
+    through one call so that backward makes one W_dec gradient buffer."""
+
+    @staticmethod
+    def forward(ctx, W_dec, scratch, *codes):
+        ctx.save_for_backward(W_dec, *codes)
+        ctx.scratch = scratch
+        ctx.mm_dtype = _backward_dtype(W_dec)  # the forward runs in W_dec's dtype; its backward may not
+        with torch.autocast(W_dec.device.type, enabled=False):  # in W_dec's dtype, as the sparse codes
+            return tuple(F.embedding_bag(i, W_dec, per_sample_weights=v, mode="sum") if i.dim() == 2
+                         else v @ W_dec.index_select(0, i)
+                         for v, i in zip(codes[0::2], codes[1::2]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        W_dec, *codes = ctx.saved_tensors
+        sparse = [(v, i, g) for v, i, g in zip(codes[0::2], codes[1::2], grads) if i.dim() == 2]
+        if _dense_backward(W_dec):
+            # each code as a dense Z (B, n): grad W_dec += Z^T g, and vals' gradient is
+            # (g W_dec^T) at the code's entries; matmuls in _backward_dtype
+            lp = ctx.mm_dtype
+            grad_W_dec, W_lp, dots = torch.zeros_like(W_dec), W_dec.to(lp), []
+            for v, i, g in sparse:  # one (B, n) temporary at a time: peak memory
+                g = g.to(lp)
+                dots.append((g @ W_lp.t()).gather(1, i).to(v.dtype))
+                grad_W_dec += g.new_zeros(len(v), len(W_dec)).scatter_(1, i, v.to(lp)).t() @ g
+            dots = iter(dots)
+        else:
+            vals, idx, G = zip(*sparse)
+            S_t, order = _codes_csr_t(idx, vals, W_dec.shape[0])  # (n, n_sparse * B)
+            G = torch.cat(G)  # (n_sparse * B, d), the output gradients stacked like S's rows
+            grad_W_dec = _spmm(S_t, G, _grad_buffer(ctx.scratch, "W_dec", G, W_dec.shape))  # (n, d)
+            # vals: <W_dec[idx[b, j]], g[b]> at each entry, computed in S_t's latent order
+            dots = torch.sparse.sampled_addmm(S_t, W_dec, G.t(), beta=0.0).values()
+            dots = iter(torch.empty_like(dots).scatter_(0, order, dots).split([v.numel() for v in vals]))
+        grad_codes = []
+        for v, i, g in zip(codes[0::2], codes[1::2], grads):
+            if i.dim() == 2:
+                grad_codes += [next(dots).view_as(v), None]
+            else:  # a dense block: (B, d) @ (d, m), and (m, B) @ (B, d) into the rows i
+                W_i = W_dec.index_select(0, i)
+                grad_W_dec.index_add_(0, i, v.t() @ g)
+                grad_codes += [g @ W_i.t(), None]
+        return grad_W_dec, None, *grad_codes
+
+
+def sparse_decode(W_dec, codes, scratch=None):
+    """codes: a list of (vals, idx) -> a list of (B, d) reconstructions, no bias. scratch:
+    where backward keeps W_dec's gradient buffer between steps (the SAE's)."""
+    return list(_SparseDecode.apply(W_dec, {} if scratch is None else scratch, *[t for code in codes for t in code]))
+
+
+# ---- backward: CSR matrices on CPU, dense matmuls on CUDA ----
+
+def _dense_backward(t):
+    """Whether the backward kernels below go through dense (B, n_latents) matrices and
+    matmuls instead of CSR ones: on CUDA. There a step is bound by kernel launches and host
+    syncs, not arithmetic (the CSR path's sort, bincount and cuSPARSE calls), and a (B, n) x
+    (B, d) matmul costs about what the forward's does. On CPU the matmuls would cost
+    B * n * d each, the CSR ones B * k * d."""
+    return t.device.type == "cuda"
+
+
+def _backward_dtype(W):
+    """The dtype of the dense backward's matmuls for weights W, read in the forward: bfloat16
+    under bfloat16 autocast (as autocast's backward of a matmul runs), else W's own. Not
+    float16: without loss scaling, gradients that are means over thousands of tokens underflow it."""
+    dev = W.device.type
+    bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    return torch.bfloat16 if bf16 else W.dtype
+
+
+def _codes_csr_t(idx, vals, n):
+    """Codes idx[i], vals[i] (B, K_i) as row blocks of a sparse S (len(idx) * B, n) with
+    S[B * i + b, idx[i][b, j]] = vals[i][b, j]. Returns S^T (n, len(idx) * B) in CSR and
+    the order sorting the flattened entries by latent. A latent in two codes of a token
+    sits in two blocks, so no (row, latent) pair repeats."""
+    B = idx[0].shape[0]
+    rows = torch.cat([torch.arange(B * i, B * (i + 1), device=ix.device).repeat_interleave(ix.shape[1])
+                      for i, ix in enumerate(idx)])
+    cols = torch.cat([ix.reshape(-1) for ix in idx])
+    order = torch.argsort(cols, stable=True)  # stable: rows stay sorted within a latent
+    crow = F.pad(torch.bincount(cols, minlength=n).cumsum(0), (1, 0))
+    values = torch.cat([v.reshape(-1) for v in vals])[order]
+    return _csr(crow, rows[order], values, (n, B * len(idx))), order
+
+
+def _csr(crow, col, values, shape):
+    """A CSR tensor, without torch's one-time warning that CSR support is in beta: the
+    kernels here use only its stable core (construction, addmm, sampled_addmm). The filter
+    is local, so importing this module changes no global warning state."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _spmm(S_t, dense, out):
+    """S_t (n, R) CSR @ dense (R, d) -> out (n, d): the sum over entries of value * dense[row]
+    into each latent's row; no (R, K, d) tensor. Written over out with beta=0, which skips
+    the zero-fill and copy that S_t @ dense makes on CPU."""
+    return torch.addmm(out, S_t, dense, beta=0.0, out=out)
+
+
+# ---- buffers kept across steps (CPU) ----
+
+def _grad_buffer(scratch, key, like, shape):
+    """An uninitialized tensor of `shape` for a weight's gradient on CPU: the memory of the one
+    returned for it last step once nothing holds that any more (zero_grad(set_to_none=True)
+    dropped it), else new memory, which Linux maps and faults in page by page every step.
+    A gradient still held, by a caller or by .grad while gradients accumulate, is never
+    written over: its storage's use count is then above buf's own reference plus the one this
+    check makes. Needs torch's private use-count query; without it, always new memory."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    buf = scratch.get(key)
+    if (use_count is None or buf is None or buf.shape != shape or buf.dtype != like.dtype
+            or buf.device != like.device or use_count(buf.untyped_storage()._cdata) > 2):
+        buf = like.new_empty(shape)
+        if use_count is not None:
+            scratch[key] = buf
+    return buf.view(shape)  # a second tensor on buf's memory: autograd keeps it as .grad
+
+
+def _kept(scratch, key, like, shape, dtype):
+    """scratch[key], an uninitialized buffer of shape and dtype on like's device kept across
+    steps, made anew only when those change (a fresh one costs page faults each step)."""
+    buf = scratch.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
+        scratch[key] = buf = like.new_empty(shape, dtype=dtype)
+    return buf

@@ -1,0 +1,240 @@
+"""Tests for kernels.py, ordered like it: the fast path equals sae.py's dense reference on
+every route (codes, losses, gradients), the two-stage TopK, the bf16 screen's error bound and
+exactness, the dense (CUDA) backward under autocast, the gradient buffers kept across steps,
+and that importing the fast path leaves the process's warning filters alone."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import kernels
+from conftest import FEW, assert_rel, grads, inputs, make, setups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_path(sae, x, dead, dense):
+    """One forward and backward on the fast or the dense path -> (SAEOutput, gradients)."""
+    sae.zero_grad(set_to_none=True)
+    out = sae(x, dead_mask=dead, dense=dense)
+    out.loss.backward()
+    return out, grads(sae)
+
+
+# ---- sparse_recon == SAE.recon_dense ----
+
+@FEW
+@given(setups(), st.booleans(), st.sampled_from([0.0, 0.3, 1.0]))
+def test_fast_path_equals_dense_reference(setup, multi_topk, dead_frac):
+    d, n, k, B, seed, scale = setup
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        sae = make(d, n, k, seed, dtype, multi_topk=multi_topk, k_aux=max(1, n // 3))
+        x = inputs(B, d, seed, scale, dtype)
+        dead = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < dead_frac
+        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
+        assert torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
+        for name in ("loss", "fvu", "aux_loss", "multi_loss", "l0", "vals", "x_hat"):
+            assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
+        for name in g_ref:
+            assert_rel(g_fast[name], g_ref[name], tol)
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+@pytest.mark.parametrize("auxk_block_ratio", [0, 10**9])  # the AuxK code always sparse, always a block
+@pytest.mark.parametrize("dead_frac", [0.05, 0.3, 1.0])  # AuxK pre-activations by a second matmul; dead first
+@pytest.mark.parametrize("chunk", [1 << 22, 10_000])  # the encoder in one chunk; in chunks of 10 rows
+@pytest.mark.parametrize("dense_backward", [False, True])  # the CPU's CSR kernels; CUDA's dense matmuls
+@pytest.mark.parametrize("screen", [False, True])  # fp32 encoder; bf16 screen (fp32 only), with or without AMX
+def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk, auxk_block_ratio, dead_frac,
+                                                         chunk, dense_backward, screen):
+    """Shapes large enough for the two-stage TopK (n = 1000 leaves a tail of 1000 % 16 columns)
+    and for both ways of reading the dead latents' pre-activations; both backward kernels;
+    the encoder in fp32 and as the bf16 screen."""
+    monkeypatch.setattr(kernels, "_BF16_SCREEN", screen)
+    monkeypatch.setattr(kernels, "_AUXK_BLOCK_RATIO", auxk_block_ratio)
+    monkeypatch.setattr(kernels, "_CHUNK", chunk)
+    monkeypatch.setattr(kernels, "_dense_backward", lambda t: dense_backward)
+    d, n, k, B = 8, 1000, 3, 64
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        sae, x = make(d, n, k, 0, dtype, multi_topk=multi_topk, k_aux=8), inputs(B, d, 0, 1.0, dtype)
+        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
+        assert fast.aux_loss > 0 and torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
+        for name in ("loss", "fvu", "aux_loss", "multi_loss", "vals", "x_hat"):
+            assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
+        for name in g_ref:
+            assert_rel(g_fast[name], g_ref[name], tol)
+
+
+# ---- the two-stage TopK ----
+
+@FEW
+@given(st.integers(1, 6), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
+def test_two_stage_topk_equals_torch_topk(B, n, k, seed, ties):
+    """Values exactly torch.topk's, sorted; indices point at them, distinct (they may differ
+    from torch.topk's between ties). Also on a column slice, as the AuxK code uses it."""
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    wide = (torch.randint(0, 4, (B, n + 7), generator=g).double() if ties
+            else torch.randn(B, n + 7, generator=g, dtype=torch.float64))
+    for x in (wide[:, 7:].contiguous(), wide[:, :n]):
+        for block in (2, 3, 16):
+            vals, idx = kernels.topk(x, k, block)
+            assert torch.equal(vals, x.topk(k, dim=1).values)
+            assert torch.equal(x.gather(1, idx), vals) and (idx.sort(1).values.diff(dim=1) > 0).all()
+
+
+# ---- the bf16 screen (_screened_topk) ----
+
+def bf16_error_bound_holds(x, W, b):
+    """Whether every exact pre-activation (float64) lies within A_b + u |pre~| of the screen's
+    bf16 one; also -> the largest share of that bound an entry used."""
+    x16, W16, A = kernels._bf16_operands({}, x, W, b)
+    pre16 = (x16 @ W16.t()).double()
+    bound = A.double().unsqueeze(1) + kernels._BF16_U * pre16.abs()
+    err = (x.double() @ W.double().t() + b.double() - pre16).abs()
+    return bool((err <= bound).all()), (err / bound).max().item()
+
+
+@FEW
+@given(st.integers(1, 32), st.integers(1, 40), st.integers(1, 200), st.integers(0, 2**31 - 1),
+       st.floats(-6, 6), st.floats(-6, 6), st.floats(-6, 6))
+def test_bf16_screen_error_bound_holds(B, d, n, seed, log_x, log_W, log_b):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g) * 10 ** log_x
+    W = torch.randn(n, d, generator=g) * 10 ** log_W * torch.rand(n, 1, generator=g)  # rows of many norms
+    b = torch.randn(n, generator=g) * 10 ** log_b
+    assert bf16_error_bound_holds(x, W, b)[0]
+
+
+def test_bf16_screen_error_bound_is_tight_where_rounding_aligns():
+    """Each Cauchy-Schwarz term is nearly reached: a latent whose row points along the
+    token's rounding residual (the ||r|| ||W|| term), and a token along a row's residual
+    (the ||x|| ||R|| term). Dropping either term breaks the bound here."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=g)
+    r = x - x.bfloat16().float()
+    W1 = F.normalize(torch.randn(8, 64, generator=g), dim=1).bfloat16().float()  # R = 0
+    W1[:4] = F.normalize(r, dim=1).bfloat16().float()  # W_j ~ r_j / ||r_j||
+    W2 = F.normalize(torch.randn(8, 64, generator=g), dim=1)
+    R = W2 - W2.bfloat16().float()
+    x2 = (3 * F.normalize(R[:4], dim=1)).bfloat16().float()  # r = 0, x ~ R_j / ||R_j||
+    for xs, W in ((x, W1), (x2, W2)):
+        ok, used = bf16_error_bound_holds(xs, W, torch.zeros(8))
+        assert ok and used > 0.5, used
+
+
+def near_duplicate_latents(groups, size, d, eps, seed):
+    """W (groups * size, d): `groups` random unit directions, each repeated `size` times with
+    relative perturbations eps, far below bf16's resolution for eps ~ 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.normalize(torch.randn(groups, d, generator=g), dim=1).repeat_interleave(size, 0)
+    return base + eps * torch.randn(groups * size, d, generator=g) / d ** 0.5
+
+
+@pytest.mark.parametrize("case, past_tier_1, past_tier_2", [
+    ("random", None, None),     # tier 1 settles nearly every token
+    ("groups of 12", ">0", 0),  # 12 near-equal latents > tier 1's 8 candidates: tier 2 settles them
+    ("groups of 64", ">0", ">0"),  # more than tier 2's 32 too: the fp32 encoder decides
+])
+@pytest.mark.parametrize("chunk", [1 << 25, 0])  # the batch in one chunk; in chunks of d_model rows
+def test_bf16_screen_returns_the_exact_top_k(monkeypatch, case, past_tier_1, past_tier_2, chunk):
+    monkeypatch.setattr(kernels, "_SCREEN_CHUNK", chunk)
+    B, d, k = 80, 32, 4
+    g = torch.Generator().manual_seed(1)
+    if case == "random":
+        W = torch.randn(1024, d, generator=g)
+    else:
+        W = near_duplicate_latents(1024 // int(case.split()[-1]), int(case.split()[-1]), d, 1e-4, 1)
+    b = 0.01 * torch.randn(len(W), generator=g)
+    x = torch.randn(B, d, generator=g)
+    scratch = {}
+    vals, idx = kernels._screened_topk(scratch, x, W, b, k)
+    exact = (x.double() @ W.double().t() + b.double()).topk(k, dim=1)
+    assert torch.equal(idx, exact.indices)  # no ties: near-duplicates differ by ~1e-4, far above fp32's rounding
+    torch.testing.assert_close(vals.double(), exact.values, rtol=1e-6, atol=1e-6)
+    tokens, *counts = scratch["screen_counts"]
+    assert tokens == B
+    for count, want in zip(counts, (past_tier_1, past_tier_2)):
+        assert want is None or (count > 0 if want == ">0" else count == want), counts
+
+
+# ---- backward ----
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-5)])
+def test_dense_backward_under_autocast(monkeypatch, dtype, tol):
+    """Under autocast the dense (CUDA) backward runs its matmuls in bfloat16 and agrees with the
+    CSR backward to bfloat16's precision; under float16 autocast it stays in float32 (fp16
+    gradients would underflow), so it agrees to float32's. Gradients come back in float32."""
+    sae, x = make(16, 600, 4, 0, torch.float32, k_aux=8), inputs(256, 16, 0, 1.0, torch.float32)
+    dead = torch.rand(600, generator=torch.Generator().manual_seed(0)) < 0.3
+    g = {}
+    for dense_backward in (False, True):
+        monkeypatch.setattr(kernels, "_dense_backward", lambda t: dense_backward)
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):  # the forward only, as train.py runs it
+            out = sae(x, dead_mask=dead)
+        out.loss.backward()
+        g[dense_backward] = grads(sae)
+    g_csr, g_dense = g[False], g[True]
+    assert out.aux_loss > 0
+    for name in g_csr:
+        assert g_dense[name].dtype == torch.float32
+        assert_rel(g_dense[name], g_csr[name], tol)
+    if dtype == torch.bfloat16:  # it did run in bfloat16: apart by more than fp32 rounding
+        assert (g_dense["W_enc"] - g_csr["W_enc"]).norm() > 1e-4 * g_csr["W_enc"].norm()
+
+
+# ---- buffers kept across steps ----
+
+def test_gradient_buffers_are_reused_but_never_overwrite_a_held_gradient():
+    """The CPU backward writes W_enc's and W_dec's gradients into last step's memory once
+    zero_grad(set_to_none=True) has dropped them, and into new memory while anything still
+    holds them: a caller's reference, or .grad itself when gradients accumulate."""
+    d, n, k, B = 8, 200, 3, 32
+    sae, dead = make(d, n, k, 0, torch.float32, k_aux=8), torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.3
+    x1, x2 = inputs(B, d, 1, dtype=torch.float32), inputs(B, d, 2, dtype=torch.float32)
+    weights = (sae.W_enc, sae.W_dec)
+
+    def backward(x, zero=True):
+        if zero:
+            sae.zero_grad(set_to_none=True)
+        sae(x, dead_mask=dead).loss.backward()
+        return [W.grad for W in weights]
+
+    g1 = [g.clone() for g in backward(x1)]
+    ptrs = [W.grad.data_ptr() for W in weights]
+    g2 = [g.clone() for g in backward(x2)]
+    assert [W.grad.data_ptr() for W in weights] == ptrs  # reused
+    held = backward(x1)  # the caller keeps these tensors
+    backward(x2)
+    assert all(torch.equal(h, g) for h, g in zip(held, g1))  # not overwritten by the x2 step
+    assert all(W.grad.data_ptr() != h.data_ptr() for W, h in zip(weights, held))
+    backward(x1)
+    acc = backward(x2, zero=False)  # accumulated over two backward passes
+    for a, a1, a2 in zip(acc, g1, g2):
+        assert_rel(a, a1 + a2, 1e-6)
+
+
+# ---- no global side effects ----
+
+def test_import_and_a_step_leave_warning_filters_alone_and_warn_nothing():
+    """sae.py and kernels.py change no global warning state, and the CSR kernels' one-time
+    'beta' warning from torch stays inside kernels.py: a fresh process with every warning
+    turned into an error runs a fast training step."""
+    code = """if True:
+        import warnings
+        import torch  # torch adds filters of its own on import
+        warnings.simplefilter("error")
+        before = list(warnings.filters)
+        import sae
+        assert warnings.filters == before, "importing sae changed the warning filters"
+        s = sae.SAE(sae.SAEConfig(d_model=8, n_latents=64, k=4))
+        s(torch.randn(16, 8), dead_mask=torch.ones(64, dtype=torch.bool)).loss.backward()
+        assert warnings.filters == before, "a step changed the warning filters"
+    """
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
