@@ -60,6 +60,18 @@ def test_auxk_keeps_fewer_latents_dead(tmp_path):
     assert dead["aux"] < dead["noaux"] - 0.02, dead
 
 
+def test_no_init_tricks_starts_the_encoder_independent_of_the_decoder(tiny_gpt_ckpt, tmp_path):
+    """After one step the encoder is still ~ the decoder's transpose with the init tricks, and
+    unrelated to it without them."""
+    args = ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--n_latents", "64", "--k", "4", "--tokens", "512",
+            "--batch_size", "512", "--ctx_len", "32", "--shuffle_tokens", "4096", "--eval_tokens", "512"]
+    cos = {}
+    for name, extra in (("tricks", []), ("none", ["--no_init_tricks"])):
+        sae = train.main(args + ["--run", name, *extra])["sae"]
+        cos[name] = torch.nn.functional.cosine_similarity(sae["W_enc"], sae["W_dec"], dim=1).mean().item()
+    assert cos["tricks"] > 0.9 and abs(cos["none"]) < 0.3
+
+
 def test_cache_gives_same_batches(tiny_gpt_ckpt, tmp_path):
     c = train.TrainConfig(model=tiny_gpt_ckpt, ctx_len=32, tokens=5000, batch_size=256, shuffle_tokens=1024,
                           device="cpu").resolve()

@@ -4,7 +4,6 @@ train.py: train a sparse autoencoder on a language model's residual stream.
     python train.py --n_latents 32768 --k 32          # the default: bundled char-level Shakespeare GPT
     python train.py --model gpt2 --layer 8 --n_latents 32768 --k 32 --tokens 200_000_000   # on a GPU
     torchrun --nproc_per_node=8 train.py -- --model gpt2 --layer 8 ...   # data-parallel on 8 GPUs
-    python train.py --sweep default    # the scaling-law study (paper §3); then python evals.py --scaling out/sweep_default
 
 Pipeline, top to bottom: the subject model and its text (gpt.py) -> an activation stream
 (residuals after block `layer`, generated in chunks or read from an on-disk cache, shuffled
@@ -558,157 +557,6 @@ def load_sae(path, ema=True):
 
 
 # -----------------------------------------------------------------------------
-# Sweeps: the grids of the scaling-law study (paper §3); evals.py --scaling fits and plots them
-
-# Each grid point is an ordinary run directory, named by its settings, in OUT_DIR/sweep_NAME/
-# (extra subject models in OUT_DIR/sweep_NAME/gpt_*/), all runs of a subject model reading one
-# activation cache. Every run trains on `tokens` tokens except the token ladder, and all share
-# dead_tokens = tokens / 4 (the full run's default): with the same seed, data order and constant
-# learning rate, the run with tokens / 4 is exactly the first quarter of the full run, so the
-# ladder doubles as the full run's intermediate checkpoints ("along training", paper §4). The
-# learning rate keeps the paper's 1 / sqrt(n) rule times lr_scale: the paper's constant was set
-# for 131k-token batches and long runs, and leaves 512-step CPU runs far from converged, larger
-# n the furthest, so that L(n) turned upward past n = 2048. Measured (n 8192, k 32, 2M tokens,
-# held-out FVU / dead): x1 0.0587 / 0%, x4 0.0341 / 0.16%, x8 0.0292 / 2.6%, x16 0.0276 / 23%;
-# n 256: x1 0.0774, x4 0.0576, x16 0.0514.
-SWEEPS = {
-    # The bundled char GPT (d_model 128) on 2 CPU cores: 48 runs and two small GPTs, 28.6 min
-    # measured from a fresh clone, pretraining out/gpt/ckpt.pt (5 min) included (README).
-    "default": dict(
-        model=gpt.DEFAULT_CKPT, cache=True, train=["--log_every", "5"], tokens=1 << 21, lr_scale=4,
-        n=[256, 512, 1024, 2048, 4096, 8192], k=[8, 16, 32, 64], k_main=32, n_mid=2048,
-        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=1024, l1=[0.1, 0.2, 0.3, 0.5], n_dead=[512, 2048, 8192],
-        subjects=[dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=3, n_embd=96)],
-        gpt=["--preset", "cpu"], n_subject=[256, 512, 1024, 2048, 4096], k_subject=16, evals=["--tokens", "16384"]),
-    # The whole pipeline in seconds (the test suite runs it): three tiny GPTs trained here, the
-    # largest one the subject of every other sweep.
-    "quick": dict(
-        model=None, cache=True, tokens=16384, lr_scale=4,
-        train=["--batch_size", "512", "--ctx_len", "32", "--shuffle_tokens", "8192", "--eval_tokens", "2048",
-               "--log_every", "2"],
-        n=[32, 64, 128, 256], k=[2, 4, 8], k_main=4, n_mid=128, token_fracs=[1 / 4, 1 / 2], n_relu=64,
-        l1=[0.3, 0.7], n_dead=[64, 256],
-        subjects=[dict(n_layer=1, n_head=2, n_embd=16), dict(n_layer=2, n_head=2, n_embd=24),
-                  dict(n_layer=2, n_head=2, n_embd=32)],
-        gpt=["--preset", "tiny", "--iters", "150", "--eval_windows", "16"], n_subject=[32, 64, 128], k_subject=4,
-        evals=["--tokens", "2048", "--probe_tokens", "256", "--n2g_latents", "8", "--n2g_examples", "8",
-               "--ablation_samples", "16"]),
-    # GPT-2 small, layer 8 (2/3 of the depth: the paper's site), on one GPU: about 3.5 hours on
-    # an H200, estimated from measured throughputs (bfloat16, batch 32768: 300k tokens/s at
-    # n 4096, 140k at 32768). No cache: 33M tokens of 768-wide activations would be 100 GB;
-    # generated on the fly they are the same batches.
-    "gpt2": dict(
-        model="gpt2", cache=False, train=["--batch_size", "32768", "--shuffle_tokens", str(1 << 21), "--log_every", "10"],
-        tokens=1 << 25, lr_scale=1, n=[4096, 8192, 16384, 32768, 65536], k=[16, 32, 64, 128], k_main=32, n_mid=16384,
-        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=16384, l1=[0.1, 0.2, 0.3, 0.5], n_dead=[4096, 16384, 65536],
-        subjects=["gpt2-medium", "gpt2-large"], gpt=[], n_subject=[4096, 8192, 16384, 32768], k_subject=32,
-        evals=[]),
-}
-SWEEP_FLAGS = {"model", "model_path", "data", "layer", "device", "dtype", "seed", "out_dir"}  # all else is the grid's
-
-
-def sweep_runs(s, main_model, subjects):
-    """The grid of sweep preset s -> list of run settings (dicts), the full-budget runs first so
-    that the first run of each subject writes the whole activation cache."""
-    T = s["tokens"]
-    runs = []
-
-    def add(model=main_model, n=s["n_mid"], k=s["k_main"], activation="topk", l1=0.0, multi=False, auxk=True,
-            init=True, tokens=T):
-        name = (f"topk_n{n}_k{k}" if activation == "topk" else f"relu_n{n}_l1_{l1:g}") + "_multi" * multi + \
-            "_noauxk" * (not auxk) + "_noinit" * (not init) + f"_t{tokens // 1024}k"
-        r = dict(model=model, run=name, n=n, k=k, activation=activation, l1=l1, multi=multi, auxk=auxk, init=init,
-                 tokens=tokens)
-        if r not in runs:
-            runs.append(r)
-    for k in s["k"]:                    # paper §3.1: L(n) per k, and the joint law L(n, k)
-        for n in s["n"]:
-            add(n=n, k=k)
-    for l1 in s["l1"]:                  # paper §2.2, §5.1: the ReLU + L1 baseline, matched to TopK's k ladder
-        add(n=s["n_relu"], activation="relu", l1=l1)
-    add(multi=True)                     # paper §5.3: Multi-TopK, progressive codes
-    for n in s["n_dead"]:               # paper §2.4: dead latents without AuxK, and without the init tricks
-        add(n=n, auxk=False)
-        add(n=n, auxk=False, init=False)
-    for model in subjects:              # paper §3.2: subject model size
-        for n in s["n_subject"]:
-            add(model=model, n=n, k=s["k_subject"])
-    for f in s["token_fracs"]:          # token budgets, the full run's intermediate checkpoints
-        add(tokens=int(T * f))
-    return runs
-
-
-def _finished(run_dir):
-    path = os.path.join(run_dir, "ckpt.pt")
-    return os.path.isfile(path) and bool(gpt.load_checkpoint(path)["metrics"])
-
-
-def sweep(name, out_dir="out", overrides=None):
-    """Train the grid SWEEPS[name] into OUT_DIR/sweep_NAME/, one train.py run per grid point,
-    sequentially: finished runs are skipped and interrupted ones resumed, so running the same
-    command again continues a stopped sweep. overrides: TrainConfig fields from SWEEP_FLAGS
-    (model: the main subject; model_path and layer apply to it alone). Writes sweep.json, the
-    manifest that evals.py --scaling reads; returns it."""
-    s, overrides = SWEEPS[name], dict(overrides or {})
-    flags = lambda names: [a for f in names if f in overrides for a in (f"--{f}", str(overrides[f]))]
-    root = os.path.join(out_dir, f"sweep_{name}")
-    os.makedirs(root, exist_ok=True)
-    manifest_path = os.path.join(root, "sweep.json")
-    old = json.load(open(manifest_path)) if os.path.isfile(manifest_path) else {}
-    seconds = old.get("seconds", {})  # wall time of each run and subject model, summed over restarts
-    homes = {}  # subject model -> the directory of its runs and activation cache
-    for spec in s["subjects"]:  # paper §3.2: models of growing size; gpt.py ones with one recipe
-        if isinstance(spec, str):  # a pretrained GPT-2 size
-            homes[spec] = os.path.join(root, spec)
-            continue
-        home = os.path.join(root, f"gpt_L{spec['n_layer']}_d{spec['n_embd']}")
-        if not os.path.isfile(os.path.join(home, "ckpt.pt")):
-            t0 = time.time()
-            gpt.main([*s["gpt"], "--out_dir", home, *[a for f, v in spec.items() for a in (f"--{f}", str(v))],
-                      *flags(("data", "device", "seed"))])
-            seconds[os.path.basename(home)] = round(time.time() - t0, 1)
-        homes[os.path.join(home, "ckpt.pt")] = home
-    main_model = overrides.get("model") or s["model"] or list(homes)[-1]
-    homes[main_model] = root
-    runs = sweep_runs(s, main_model, list(homes))
-    for r in runs:
-        r["dir"] = os.path.relpath(os.path.join(homes[r["model"]], r["run"]), root)
-    manifest = {"name": name, "preset": s, "main": main_model, "subjects": list(homes), "runs": runs,
-                "seconds": seconds}
-
-    def save():
-        with open(manifest_path + ".tmp", "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(manifest_path + ".tmp", manifest_path)
-    save()
-    for i, r in enumerate(runs):
-        home, run_dir = homes[r["model"]], os.path.join(root, r["dir"])
-        if _finished(run_dir):
-            print(f"[{i + 1}/{len(runs)}] {r['dir']}: done, skipped")
-            continue
-        argv = ["--model", r["model"], "--out_dir", home, "--run", r["run"], "--n_latents", str(r["n"]),
-                "--tokens", str(r["tokens"]), "--dead_tokens", str(s["tokens"] // 4),
-                "--lr", f"{s['lr_scale'] * paper_lr(r['n']):.6g}", *s["train"],
-                *flags(("data", "device", "dtype", "seed"))]
-        argv += ["--cache", os.path.join(home, "cache")] if s["cache"] else []
-        argv += flags(("model_path", "layer")) if r["model"] == main_model else []
-        argv += ["--k", str(r["k"])] if r["activation"] == "topk" else ["--activation", "relu", "--l1_coef", str(r["l1"])]
-        argv += ["--multi_topk"] * r["multi"] + ["--no_auxk"] * (not r["auxk"]) + ["--no_init_tricks"] * (not r["init"])
-        if os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
-            argv.append("--resume")
-        elif os.path.exists(run_dir):
-            argv.append("--overwrite")  # stopped before its first checkpoint
-        print(f"[{i + 1}/{len(runs)}] {r['dir']}")
-        t0 = time.time()
-        main(argv)
-        seconds[r["dir"]] = round(seconds.get(r["dir"], 0) + time.time() - t0, 1)
-        save()
-    print(f"sweep {name}: {len(runs)} runs in {root}, {sum(seconds.values()) / 60:.1f} min of training in all; "
-          f"fit and plot them: python evals.py --scaling {root}")
-    return manifest
-
-
-# -----------------------------------------------------------------------------
 # Command line
 
 HELP = {
@@ -758,10 +606,6 @@ def build_parser():
             shown = f" (default: {f.default})" if f.default not in ("", 0, -1) else ""
             p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default,
                            choices=["topk", "relu"] if f.name == "activation" else None, help=HELP[f.name] + shown)
-    p.add_argument("--sweep", choices=sorted(SWEEPS),
-                   help="train the grid of a scaling-law study (SWEEPS) into OUT_DIR/sweep_NAME, skipping finished runs; "
-                        "takes only " + ", ".join(f"--{f}" for f in sorted(SWEEP_FLAGS)) +
-                        "; then fit and plot: python evals.py --scaling OUT_DIR/sweep_NAME")
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/RUN/ckpt.pt where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -775,14 +619,6 @@ def _int(s):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.sweep:
-        given = {f.name for f in fields(TrainConfig) if getattr(args, f.name) != f.default}
-        bad = sorted(given - SWEEP_FLAGS) + ["resume"] * args.resume + ["overwrite"] * args.overwrite
-        if bad:
-            raise UserError(f"--sweep {args.sweep} does not take {', '.join('--' + b for b in bad)}: the grid sets the "
-                            f"runs' flags (edit SWEEPS in train.py for another) and resumes by itself; delete "
-                            f"OUT_DIR/sweep_{args.sweep} to start over")
-        return sweep(args.sweep, args.out_dir, {f: getattr(args, f) for f in given})
     c = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     check_config(c)
     run_dir = os.path.join(c.out_dir, c.resolve().run)
