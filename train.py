@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -34,44 +34,65 @@ def paper_lr(n_latents):
     return 2e-4 / math.sqrt(n_latents / 2 ** 14)
 
 
+def flag(default, help):
+    """A TrainConfig field and its --help text: the one place each flag is described."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # subject model and site
-    model: str = gpt.DEFAULT_CKPT   # gpt.py checkpoint path, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl
-    model_path: str = ""            # local Hugging Face weights for --model gpt2* (dir or file)
-    data: str = ""                  # text file; default: the bundled corpus
-    layer: int = -1                 # residual stream after this block (0-based); -1: 2/3 of the depth
-    ctx_len: int = 64               # tokens per context (paper: 64)
-    include_first: bool = False     # keep position 0 of each context (an outlier: excluded by default)
+    model: str = flag(gpt.DEFAULT_CKPT, "subject model: a gpt.py checkpoint (pretrained first if it is the "
+                      "missing default) or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    model_path: str = flag("", "local Hugging Face GPT-2 weights (directory or model.safetensors / "
+                           "pytorch_model.bin); default out/hf/<name>/, downloaded when online")
+    data: str = flag("", "UTF-8 text the contexts are drawn from (its last ~10%% is held out); "
+                     "default: the bundled Shakespeare")
+    layer: int = flag(-1, "residual stream after this block, 0-based; -1 picks 2/3 of the depth "
+                      "(the paper's layer 8 of 12)")
+    ctx_len: int = flag(64, "tokens per context (paper: 64)")
+    include_first: bool = flag(False, "also train on position 0 of each context (excluded by default: "
+                               "its activations are outliers)")
     # the SAE (sae.py)
-    n_latents: int = 32768
-    k: int = 32
-    k_aux: int = 0                  # 0: sae.py's default
-    activation: str = "topk"
-    l1_coef: float = 0.0
-    multi_topk: bool = False
-    auxk: bool = True
-    no_init_tricks: bool = False    # ablation of the init tricks (paper §2.4)
-    # optimization (paper §2.3, App. A)
-    tokens: int = 4_000_000
-    batch_size: int = 4096
-    lr: float = 0.0                 # 0: 2e-4 / sqrt(n_latents / 2^14)
-    ema_decay: float = 0.999
-    grad_clip: float = 0.0          # 0: off
-    dead_tokens: int = 0            # 0: min(10M, tokens // 4)
-    shuffle_tokens: int = 1 << 18
-    seed: int = 0
-    shards: int = 0                 # data shards, read in parallel by the processes; 0: one per process
+    n_latents: int = flag(32768, "number of latents n")
+    k: int = flag(32, "active latents per token (TopK)")
+    k_aux: int = flag(0, "dead latents used by AuxK; 0 uses sae.py's default")
+    activation: str = flag("topk", "topk (the paper's SAE) or relu (ReLU + L1 baseline, needs --l1_coef)")
+    l1_coef: float = flag(0.0, "L1 penalty weight for --activation relu")
+    multi_topk: bool = flag(False, "train with Multi-TopK, L(k) + L(4k)/8 (paper §5.3)")
+    auxk: bool = flag(True, "turn off the AuxK loss (ablation of paper §2.4)")  # the flag is --no_auxk
+    no_init_tricks: bool = flag(False, "ablation (paper §2.4): b_pre starts at 0 and the encoder at random "
+                                "unit rows, instead of the geometric median, the decoder's transpose and "
+                                "the encoder rescale")
+    # optimization (paper App. A)
+    tokens: int = flag(4_000_000, "training tokens")
+    batch_size: int = flag(4096, "tokens per optimizer step, all processes together (under torchrun each "
+                           "process takes batch_size / processes)")
+    lr: float = flag(0.0, "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14)")
+    ema_decay: float = flag(0.999, "decay of the weight EMA that is evaluated and saved (paper: 0.999)")
+    grad_clip: float = flag(0.0, "clip the gradient norm to this; 0 is off")
+    dead_tokens: int = flag(0, "a latent is dead after this many tokens without firing; 0 means "
+                            "min(10M, tokens/4)")
+    shuffle_tokens: int = flag(1 << 18, "activations generated per chunk and shuffled together (rounded "
+                               "to a multiple of --batch_size)")
+    seed: int = flag(0, "random seed (SAE init, contexts, shuffling)")
+    shards: int = flag(0, "independent data shards; each process generates or reads its own share, so a "
+                       "run with the same --shards gives the same batches on any number of processes; "
+                       "0 means one per process")
     # bookkeeping
-    cache: str = ""
-    out_dir: str = "out"
-    run: str = ""
-    device: str = ""
-    dtype: str = ""
-    log_every: int = 20
-    ckpt_every: int = 0             # tokens between checkpoints; 0: a tenth of the run
-    eval_tokens: int = 1 << 16
-    skip_nonfinite: bool = False
+    cache: str = flag("", "directory for an on-disk activation cache (numpy memmap): written once, then "
+                      "read by later runs")
+    out_dir: str = flag("out", "parent directory of run directories")
+    run: str = flag("", "run name: writes OUT_DIR/RUN/ckpt.pt and log.jsonl; default from activation, n, k")
+    device: str = flag("", "torch device; default cuda when available, else cpu")
+    dtype: str = flag("", "autocast dtype for the subject model and the encoder matmul; default bfloat16 "
+                      "on cuda, float32 on cpu")
+    log_every: int = flag(20, "steps between log.jsonl records and progress-bar metrics")
+    ckpt_every: int = flag(0, "tokens between checkpoints (written atomically, for --resume); 0 means a "
+                           "tenth of the run")
+    eval_tokens: int = flag(1 << 16, "held-out tokens for the final summary")
+    skip_nonfinite: bool = flag(False, "skip batches whose loss is NaN/inf (counted in the log) instead of "
+                                "stopping")
 
     def resolve(self):
         """Fill the defaults that depend on other fields."""
@@ -82,8 +103,7 @@ class TrainConfig:
             # short one. Not shorter: a rare latent of a short run (n 32768, k 32: 4 firings per
             # latent per 4096-token step on average) can go 100 steps without firing and still
             # be alive; AuxK then trains its activations to the residual's smaller scale, below
-            # the TopK threshold, and it stops firing (README: "Dead latents and AuxK"). With a
-            # tenth, the default run ended 10.9% dead; with a quarter, 0.12%.
+            # the TopK threshold, and it stops firing (README: "Dead latents and AuxK").
             self.dead_tokens = min(10_000_000, max(self.batch_size, self.tokens // 4))
         if not self.ckpt_every:
             self.ckpt_every = max(self.batch_size, self.tokens // 10)
@@ -96,6 +116,10 @@ class TrainConfig:
         if not self.run:
             self.run = f"{self.activation}_n{self.n_latents}_k{self.k}" + ("_multi" if self.multi_topk else "")
         return self
+
+
+# each flag's --help text, read from TrainConfig (scaling.py's CLI reuses it)
+HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 
 
 def check_config(c):
@@ -268,8 +292,7 @@ class EMA:
     """Exponential moving average of the SAE's weights, what the paper evaluates. The decay
     warms up as min(decay, (1 + t) / (10 + t)) at step t: a run much shorter than
     1 / (1 - decay) = 1000 steps (every CPU run here) would otherwise average in its first,
-    untrained steps (measured on a 250-step run: held-out FVU 0.33 with a bias-corrected
-    0.999 EMA against 0.17 for the raw weights); long runs get the paper's 0.999."""
+    untrained steps (README: the EMA's warm-up); long runs get the paper's 0.999."""
 
     def __init__(self, module, decay):
         self.decay, self.steps = decay, 0
@@ -411,136 +434,191 @@ def make_sae(c, d_model):
         raise UserError(f"bad SAE setting: {e}") from None
 
 
-def checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, metrics):
-    return {"sae_config": asdict(sae.cfg), "sae": sae.state_dict(), "ema": ema.shadow, "ema_steps": ema.steps,
-            "train_config": asdict(c), "subject": subject,
-            "step": step, "tokens_seen": step * c.batch_size, "optimizer": opt.state_dict(),
-            "tokens_since_fired": tokens_since_fired, "skipped": skipped, "metrics": metrics}
+@dataclass
+class Run:
+    """What a training run carries from step to step; train() and its parts share it."""
+    c: TrainConfig
+    model: torch.nn.Module  # the subject model
+    subject: dict  # its reference, saved with every checkpoint
+    val_ids: torch.Tensor  # held-out token ids, for the final summary
+    stream: "ActivationStream"
+    sae: SAE
+    net: torch.nn.Module  # the SAE, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    ema: EMA
+    tokens_since_fired: torch.Tensor  # (n_latents,) long: paper §2.4's dead-latent counter
+    ckpt_path: str
+    log_path: str
+    main_rank: bool  # rank 0 alone writes and prints
+    step: int = 0
+    skipped: int = 0  # non-finite batches skipped (--skip_nonfinite)
+
+    def checkpoint(self, metrics):
+        c, sae = self.c, self.sae
+        return {"sae_config": asdict(sae.cfg), "sae": sae.state_dict(), "ema": self.ema.shadow,
+                "ema_steps": self.ema.steps, "train_config": asdict(c), "subject": self.subject,
+                "step": self.step, "tokens_seen": self.step * c.batch_size, "optimizer": self.opt.state_dict(),
+                "tokens_since_fired": self.tokens_since_fired, "skipped": self.skipped, "metrics": metrics}
+
+
+def start_run(c, resume):
+    """The subject model, the activation stream, the SAE initialized as the paper does (or
+    restored from the run's checkpoint), Adam and the EMA -> Run. Under torchrun every rank
+    calls this; rank 0 loads the subject model first (it may pretrain or download it)."""
+    torch.manual_seed(c.seed)
+    if c.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast
+    run_dir = os.path.join(c.out_dir, c.run)
+    distributed = dist.is_initialized()
+    ranks, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    if rank:
+        barrier(c)
+    model, tok, train_ids, val_ids, subject = load_subject(c)
+    if distributed and not rank:
+        barrier(c)
+    per_rank = c.shards // ranks
+    stream = ActivationStream(c, model, train_ids, subject, shards=range(rank * per_rank, (rank + 1) * per_rank))
+    sae = make_sae(c, subject["d_model"]).to(c.device)
+    os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
+    opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=6.25e-10,  # [code]
+                           fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
+    run = Run(c, model, subject, val_ids, stream, sae, sae, opt, None,
+              torch.zeros(c.n_latents, dtype=torch.long, device=c.device),
+              os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl"), rank == 0)
+    ck = restore(run) if resume else init_sae(run)
+    if distributed:
+        # DDP starts by copying rank 0's parameters to every rank (b_pre came from each rank's own shard)
+        run.net = DDP(sae, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
+    run.ema = EMA(sae, c.ema_decay)
+    if ck is not None:
+        run.ema.load(ck["ema"], ck["ema_steps"])
+    return run
+
+
+def init_sae(run):
+    """paper §2.4, App. A.1: b_pre at the geometric median of a sample of inputs ([code]: 32,768
+    of them), the encoder at the decoder's transpose (sae.py), rescaled; or the ablation. A new
+    run's log starts empty."""
+    c, sae = run.c, run.sae
+    if c.no_init_tricks:  # b_pre = 0, encoder rows independent of the decoder's
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.nn.functional.normalize(torch.randn_like(sae.W_enc), dim=1))
+    else:
+        sae.init_b_pre(run.stream.sample(32768).to(c.device))
+        sae.init_encoder_scale()
+    if run.main_rank:
+        with open(run.log_path, "w"):
+            pass
+
+
+def restore(run):
+    """Load the run's last checkpoint into run (weights, Adam, dead-latent counters, position);
+    -> the checkpoint, whose EMA start_run restores once the EMA exists."""
+    ck = gpt.load_checkpoint(run.ckpt_path)
+    if ck["subject"]["sha256"] != run.subject["sha256"]:
+        raise UserError(f"{run.ckpt_path} was trained on another subject model ({ck['subject']['model']})")
+    run.sae.load_state_dict(ck["sae"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.tokens_since_fired = ck["tokens_since_fired"].to(run.c.device)
+    run.step, run.skipped = ck["step"], ck["skipped"]
+    if run.main_rank:
+        print(f"resuming {run.ckpt_path} at step {run.step} ({run.step * run.c.batch_size:,} tokens) "
+              f"with the run's saved settings")
+    return ck
+
+
+def train_step(run, x, dead):
+    """One step of the paper's training on the batch x (B, d_model), dead (n_latents,) the
+    latents that have not fired for dead_tokens tokens -> the global batch's [loss, fvu,
+    aux_loss, l0], or None for a batch skipped as non-finite (--skip_nonfinite)."""
+    c, sae = run.c, run.sae
+    out = None
+    if all_ranks(torch.isfinite(x).all()):
+        with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
+                            enabled=c.dtype != "float32"):
+            out = run.net(x, dead_mask=dead if c.auxk else None)
+        loss, logged, finite = step_loss(sae, x, out)
+    if out is None or not finite:
+        if not c.skip_nonfinite:
+            what = "activations" if out is None else "loss"
+            raise UserError(f"non-finite {what} at step {run.step} (tokens {run.step * c.batch_size:,}); the last "
+                            f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
+        run.skipped += 1
+        return None
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()                   # DDP: the gradients arrive averaged over the ranks
+    sae.project_decoder_grad()        # paper App. A.1 / [code]: keep decoder rows on the unit sphere
+    if c.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
+    run.opt.step()
+    sae.normalize_decoder()
+    run.ema.update(sae)
+    # paper §2.4: a latent is dead once it has not fired for dead_tokens tokens
+    # (fired on any rank: the ranks agree on which latents are dead)
+    run.tokens_since_fired += c.batch_size
+    run.tokens_since_fired.masked_fill_(any_rank(out.fired), 0)
+    return logged
 
 
 def train(c, resume=False):
     """Run training for the resolved config `c`; returns the final checkpoint dict. Under
     torchrun (setup_distributed first) every rank runs this; rank 0 alone writes and prints."""
     from tqdm import tqdm
-    torch.manual_seed(c.seed)
-    if c.device.startswith("cuda"):
-        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast
-    run_dir = os.path.join(c.out_dir, c.run)
-    ckpt_path, log_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")
-    distributed = dist.is_initialized()
-    ranks, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    main_rank = rank == 0
-    if not main_rank:
-        barrier(c)  # rank 0 loads first: it may pretrain or download the subject model
-    model, tok, train_ids, val_ids, subject = load_subject(c)
-    if distributed and main_rank:
-        barrier(c)
-    d_model = subject["d_model"]
-    per_rank = c.shards // ranks
-    stream = ActivationStream(c, model, train_ids, subject, shards=range(rank * per_rank, (rank + 1) * per_rank))
-    sae = make_sae(c, d_model).to(c.device)
-    os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
-    opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=6.25e-10,  # [code]
-                           fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
-    tokens_since_fired = torch.zeros(c.n_latents, dtype=torch.long, device=c.device)
+    run = start_run(c, resume)
     total_steps = math.ceil(c.tokens / c.batch_size)
-    step = skipped = 0
-    if resume:
-        ck = gpt.load_checkpoint(ckpt_path)
-        if ck["subject"]["sha256"] != subject["sha256"]:
-            raise UserError(f"{ckpt_path} was trained on another subject model ({ck['subject']['model']})")
-        sae.load_state_dict(ck["sae"])
-        opt.load_state_dict(ck["optimizer"])
-        tokens_since_fired = ck["tokens_since_fired"].to(c.device)
-        step, skipped = ck["step"], ck["skipped"]
-        if main_rank:
-            print(f"resuming {ckpt_path} at step {step} ({step * c.batch_size:,} tokens) with the run's saved settings")
-    else:
-        if c.no_init_tricks:  # ablation, paper §2.4: b_pre = 0, encoder rows independent of the decoder's
-            with torch.no_grad():
-                sae.W_enc.copy_(torch.nn.functional.normalize(torch.randn_like(sae.W_enc), dim=1))
-        else:
-            # paper §2.4 / [code]: b_pre starts at the geometric median of a sample of inputs
-            sae.init_b_pre(stream.sample(32768).to(c.device))  # [code]: 32,768 samples
-            sae.init_encoder_scale()
-        if main_rank:
-            with open(log_path, "w"):
-                pass
-    net = sae
-    if distributed:
-        # DDP starts by copying rank 0's parameters to every rank (b_pre came from each rank's own shard)
-        net = DDP(sae, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
-    ema = EMA(sae, c.ema_decay)
-    if resume:
-        ema.load(ck["ema"], ck["ema_steps"])
-    autocast = dict(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype), enabled=c.dtype != "float32")
     t0 = time.time()
-    bar = tqdm(total=total_steps * c.batch_size, initial=step * c.batch_size, unit="tok", unit_scale=True,
-               desc=c.run, dynamic_ncols=True, disable=not main_rank)
-    start_step, last_ckpt_tokens = step, step * c.batch_size
-    while step < total_steps:
-        x = stream.batch(step).to(c.device, non_blocking=True)
-        dead = tokens_since_fired >= c.dead_tokens
-        out = None
-        if all_ranks(torch.isfinite(x).all()):
-            with torch.autocast(**autocast):
-                out = net(x, dead_mask=dead if c.auxk else None)
-            loss, logged, finite = step_loss(sae, x, out)
-        if out is None or not finite:
-            if not c.skip_nonfinite:
-                what = "activations" if out is None else "loss"
-                raise UserError(f"non-finite {what} at step {step} (tokens {step * c.batch_size:,}); the last "
-                                f"checkpoint ({ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
-            skipped += 1
-            step += 1
+    bar = tqdm(total=total_steps * c.batch_size, initial=run.step * c.batch_size, unit="tok", unit_scale=True,
+               desc=c.run, dynamic_ncols=True, disable=not run.main_rank)
+    start_step, last_ckpt_tokens = run.step, run.step * c.batch_size
+    while run.step < total_steps:
+        x = run.stream.batch(run.step).to(c.device, non_blocking=True)
+        dead = run.tokens_since_fired >= c.dead_tokens
+        logged = train_step(run, x, dead)
+        run.step += 1
+        if logged is None:
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()                   # DDP: the gradients arrive averaged over the ranks
-        sae.project_decoder_grad()        # paper App. A / [code]: keep decoder rows on the unit sphere
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
-        opt.step()
-        sae.normalize_decoder()
-        ema.update(sae)
-        # paper §2.4: a latent is dead once it has not fired for dead_tokens tokens
-        # (fired on any rank: the ranks agree on which latents are dead)
-        tokens_since_fired += c.batch_size
-        tokens_since_fired.masked_fill_(any_rank(out.fired), 0)
-        step += 1
         bar.update(c.batch_size)
-        if main_rank and (step % c.log_every == 0 or step == total_steps):
-            rec = {"step": step, "tokens": step * c.batch_size,
-                   **dict(zip(("loss", "fvu", "aux_loss", "l0"), logged.tolist())),
-                   "dead_frac": dead.float().mean().item(), "skipped": skipped, "elapsed_s": round(time.time() - t0, 2)}
-            bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.3f}",
-                            aux=f"{rec['aux_loss']:.3f}")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if c.ckpt_every and step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and step < total_steps:
-            if main_rank:
-                gpt.save_checkpoint(checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, {}),
-                                    ckpt_path)
-            last_ckpt_tokens = step * c.batch_size
+        if run.main_rank and (run.step % c.log_every == 0 or run.step == total_steps):
+            log_step(run, logged, dead, time.time() - t0, bar)
+        if c.ckpt_every and run.step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and run.step < total_steps:
+            if run.main_rank:
+                gpt.save_checkpoint(run.checkpoint({}), run.ckpt_path)
+            last_ckpt_tokens = run.step * c.batch_size
     bar.close()
-    train_s = time.time() - t0
-    # the summary, on held-out text with the EMA weights (paper App. A); every rank computes
-    # the same numbers, so none waits on another
-    eval_sae = make_sae(c, d_model).to(c.device)
-    eval_sae.load_state_dict(ema.state_dict())
-    windows = heldout_windows(val_ids, c.ctx_len, c.eval_tokens, c.include_first)
-    metrics = heldout_summary(eval_sae, model, windows, c.layer, c.include_first, c.device)
-    metrics.update(dead_frac=(tokens_since_fired >= c.dead_tokens).float().mean().item(),
-                   train_seconds=round(train_s, 1),
-                   tokens_per_s=round((total_steps - start_step) * c.batch_size / max(train_s, 1e-9)), skipped=skipped)
-    ck = checkpoint_dict(c, subject, sae, ema, opt, step, tokens_since_fired, skipped, metrics)
-    if not main_rank:
+    return finish(run, time.time() - t0, (total_steps - start_step) * c.batch_size)
+
+
+def log_step(run, logged, dead, elapsed, bar):
+    """A log.jsonl record and the progress bar's metrics."""
+    rec = {"step": run.step, "tokens": run.step * run.c.batch_size,
+           **dict(zip(("loss", "fvu", "aux_loss", "l0"), logged.tolist())),
+           "dead_frac": dead.float().mean().item(), "skipped": run.skipped, "elapsed_s": round(elapsed, 2)}
+    bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.3f}",
+                    aux=f"{rec['aux_loss']:.3f}")
+    with open(run.log_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def finish(run, train_s, tokens_trained):
+    """The held-out summary with the EMA weights (paper App. A), the final checkpoint and its
+    printout -> the checkpoint dict. Every rank computes the same numbers, so none waits."""
+    c = run.c
+    eval_sae = make_sae(c, run.subject["d_model"]).to(c.device)
+    eval_sae.load_state_dict(run.ema.state_dict())
+    windows = heldout_windows(run.val_ids, c.ctx_len, c.eval_tokens, c.include_first)
+    metrics = heldout_summary(eval_sae, run.model, windows, c.layer, c.include_first, c.device)
+    metrics.update(dead_frac=(run.tokens_since_fired >= c.dead_tokens).float().mean().item(),
+                   train_seconds=round(train_s, 1), tokens_per_s=round(tokens_trained / max(train_s, 1e-9)),
+                   skipped=run.skipped)
+    ck = run.checkpoint(metrics)
+    if not run.main_rank:
         return ck
-    gpt.save_checkpoint(ck, ckpt_path)
+    gpt.save_checkpoint(ck, run.ckpt_path)
     print(f"held-out ({metrics['eval_tokens']:,} tokens, EMA weights): FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.1f}  "
           f"delta CE {metrics['delta_ce']:+.4f} nats ({metrics['ce_clean']:.4f} -> {metrics['ce_sae']:.4f})  "
           f"dead {metrics['dead_frac']:.2%} (no fire in {c.dead_tokens:,} tokens)  "
           f"train {train_s / 60:.1f} min, {metrics['tokens_per_s']:,} tok/s")
-    print(f"wrote {ckpt_path}")
+    print(f"wrote {run.ckpt_path}")
     return ck
 
 
@@ -559,53 +637,17 @@ def load_sae(path, ema=True):
 # -----------------------------------------------------------------------------
 # Command line
 
-HELP = {
-    "model": "subject model: a gpt.py checkpoint (pretrained first if it is the missing default) or gpt2, gpt2-medium, gpt2-large, gpt2-xl",
-    "model_path": "local Hugging Face GPT-2 weights (directory or model.safetensors / pytorch_model.bin); default out/hf/<name>/, downloaded when online",
-    "data": "UTF-8 text the contexts are drawn from (its last ~10%% is held out); default: the bundled Shakespeare",
-    "layer": "residual stream after this block, 0-based; -1 picks 2/3 of the depth (the paper's layer 8 of 12)",
-    "ctx_len": "tokens per context (paper: 64)",
-    "include_first": "also train on position 0 of each context (excluded by default: its activations are outliers)",
-    "n_latents": "number of latents n",
-    "k": "active latents per token (TopK)",
-    "k_aux": "dead latents used by AuxK; 0 uses sae.py's default",
-    "activation": "topk (the paper's SAE) or relu (ReLU + L1 baseline, needs --l1_coef)",
-    "l1_coef": "L1 penalty weight for --activation relu",
-    "multi_topk": "train with Multi-TopK, L(k) + L(4k)/8 (paper §5.3)",
-    "auxk": "",
-    "no_init_tricks": "ablation (paper §2.4): b_pre starts at 0 and the encoder at random unit rows, instead of the geometric median, the decoder's transpose and the encoder rescale",
-    "tokens": "training tokens",
-    "batch_size": "tokens per optimizer step, all processes together (under torchrun each process takes batch_size / processes)",
-    "lr": "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14)",
-    "ema_decay": "decay of the weight EMA that is evaluated and saved (paper: 0.999)",
-    "grad_clip": "clip the gradient norm to this; 0 is off",
-    "dead_tokens": "a latent is dead after this many tokens without firing; 0 means min(10M, tokens/4)",
-    "shuffle_tokens": "activations generated per chunk and shuffled together (rounded to a multiple of --batch_size)",
-    "seed": "random seed (SAE init, contexts, shuffling)",
-    "shards": "independent data shards; each process generates or reads its own share, so a run with the same --shards gives the same batches on any number of processes; 0 means one per process",
-    "cache": "directory for an on-disk activation cache (numpy memmap): written once, then read by later runs",
-    "out_dir": "parent directory of run directories",
-    "run": "run name: writes OUT_DIR/RUN/ckpt.pt and log.jsonl; default from activation, n, k",
-    "device": "torch device; default cuda when available, else cpu",
-    "dtype": "autocast dtype for the subject model and the encoder matmul; default bfloat16 on cuda, float32 on cpu",
-    "log_every": "steps between log.jsonl records and progress-bar metrics",
-    "ckpt_every": "tokens between checkpoints (written atomically, for --resume); 0 means a tenth of the run",
-    "eval_tokens": "held-out tokens for the final summary",
-    "skip_nonfinite": "skip batches whose loss is NaN/inf (counted in the log) instead of stopping",
-}
-
-
 def build_parser():
     p = argparse.ArgumentParser(description="Train a TopK sparse autoencoder on a GPT's residual stream.")
     for f in fields(TrainConfig):
         if f.name == "auxk":
-            p.add_argument("--no_auxk", dest="auxk", action="store_false", help="turn off the AuxK loss (ablation)")
+            p.add_argument("--no_auxk", dest="auxk", action="store_false", help=f.metadata["help"])
         elif f.type is bool:
-            p.add_argument(f"--{f.name}", action="store_true", help=HELP[f.name])
+            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         else:
             shown = f" (default: {f.default})" if f.default not in ("", 0, -1) else ""
             p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default,
-                           choices=["topk", "relu"] if f.name == "activation" else None, help=HELP[f.name] + shown)
+                           choices=["topk", "relu"] if f.name == "activation" else None, help=f.metadata["help"] + shown)
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/RUN/ckpt.pt where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
