@@ -49,6 +49,7 @@ import torch
 
 import gpt
 import train
+import kernels
 from sae import SAE, SAEConfig
 
 GRIDS = {  # (d_model, n_latents, k, batch)
@@ -290,6 +291,7 @@ QUICK_TRAIN = ["--n_latents", "256", "--k", "4", "--batch_size", "256", "--ctx_l
 def print_table(res):
     print(f"device: {res['device']}; torch {res['torch']}; {res['threads']} threads; load average "
           f"{res['load_avg'][0]:.1f} -> {res['load_avg'][1]:.1f}; dead latents {res['dead_frac']:.0%}; "
+          f"bf16 screen {'on' if res['bf16_screen'] else 'off'}; "
           f"THP_MEM_ALLOC_ENABLE={res['thp']}")
     head = ["d_model", "n", "k", "batch", "mm", "mm+topk", "mm bf16", "fast", "fast0", "dense", "fast/mm",
             "fast/mm+topk", "fast0/mm", "fast/mm bf16", "fast/dense", "mem GB", "mem/budget"]
@@ -352,12 +354,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     p.add_argument("--profile", action="store_true",
                    help="also profile the fast step: ms a step per phase and the costliest operators")
+    p.add_argument("--screen", choices=["auto", "on", "off"], default="auto",
+                   help="the encoder's bf16 screen on CPU (kernels.py): auto uses it where the CPU has native "
+                        "bf16 matmuls (AMX or AVX512-BF16); on and off force it, to compare on one machine")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.act_contexts, args.e2e_tokens, args.e2e_shuffle = 2, 16, 2048, 1024
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.screen != "auto":
+        kernels._BF16_SCREEN = args.screen == "on"
     if args.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast (the AuxK block's)
         name = torch.cuda.get_device_name()
@@ -372,6 +379,7 @@ def main(argv=None):
     load = os.getloadavg()[0]  # other work on the machine skews every timing: reported with them
     res = {"device": f"{args.device} ({name})", "torch": torch.__version__, "threads": torch.get_num_threads(),
            "dead_frac": args.dead_frac, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+           "bf16_screen": kernels._BF16_SCREEN,
            "shapes": [bench_shape(*s, args) for s in shapes], "activations": None, "train": None}
     if args.no_train:
         res["activations"] = res["train"] = "--no_train"

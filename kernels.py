@@ -6,8 +6,9 @@ encoder matmul. test_kernels.py proves the equality on every route below.
 What is here, in the order a step runs it:
 - sparse_recon: the entry sae.py calls, returning what SAE.recon_dense returns.
 - the encoder (_SparseEncode): pre-activations in cache-sized chunks, a two-stage TopK
-  (topk), AuxK's code over the dead latents; on CPUs with AMX the TopK comes from a bf16
-  screen checked in fp32 (_screened_topk), exact all the same. Its backward touches only
+  (topk), AuxK's code over the dead latents; on CPUs with native bf16 matmuls (AMX or
+  AVX512-BF16) the TopK comes from a bf16 screen checked in fp32 (_screened_topk), exact all
+  the same. Its backward touches only
   the selected latents.
 - the decoder (_SparseDecode): embedding_bag sums of the selected rows; backward by CSR
   matrices on CPU and dense matmuls on CUDA.
@@ -106,7 +107,8 @@ class _SparseEncode(torch.autograd.Function):
     descending, and the AuxK code aux_vals, aux_idx (see _auxk_code).
     The one dense matmul of a step; under torch.autocast it runs in the autocast dtype
     (addmm is on autocast's low-precision list) and the codes come back in W_enc's dtype; in
-    fp32 on a CPU with AMX it runs in bf16 as a screen checked in fp32 (_screened_topk).
+    fp32 on a CPU with native bf16 matmuls it runs in bf16 as a screen checked in fp32
+    (_screened_topk).
     Backward touches only the selected latents and computes no input gradient."""
 
     @staticmethod
@@ -213,19 +215,30 @@ def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
     return vals, idx, lead
 
 
-# ---- the bf16 screen (CPUs with AMX) ----
+# ---- the bf16 screen (CPUs with native bf16 matmuls) ----
 
-# On a CPU with AMX (bf16 matrix units) a bf16 matmul runs several times faster than fp32;
-# there the encoder's TopK is a bf16 screen checked in fp32, which returns fp32's exact top k
-# (_screened_topk). Elsewhere the plain fp32 encoder (_preacts_topk).
-_BF16_SCREEN = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+def _native_bf16_matmul():
+    """Whether this CPU multiplies bf16 matrices in hardware: AMX tiles (Intel, Sapphire Rapids
+    on) or AVX512-BF16 dot products (Intel Cooper Lake, AMD Zen 4 on), the two paths oneDNN's
+    bf16 matmul takes. There it runs several times faster than fp32 (README, Performance);
+    elsewhere torch emulates bf16, slower than fp32. Read from the CPU's flags, not timed at
+    first use: the choice is then the same in every run on a machine, whatever its load."""
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+# Where bf16 matmuls are native the encoder's TopK is a bf16 screen checked in fp32, which
+# returns fp32's exact top k (_screened_topk); elsewhere the plain fp32 encoder (_preacts_topk).
+_BF16_SCREEN = _native_bf16_matmul()
 _SCREEN_CHUNK = 1 << 25  # bf16 pre-activations at a time (64 MB): bounds the peak memory
 _SCREEN_K = 2  # tier 1's candidates per token, in multiples of k
 _BF16_U = 2.0 ** -7  # bf16's unit roundoff 2^-8 (8-bit significand), doubled to spare
 
 
 def _screen(x_c, n, k_top):
-    """Whether the encoder's TopK runs as _screened_topk: fp32 on a CPU with AMX, outside
+    """Whether the encoder's TopK runs as _screened_topk: fp32 on a CPU with native bf16 matmuls, outside
+
     autocast, and n_latents large enough that the candidates (up to 8 k_top, in tier 2) are a
     small share of them."""
     return (_BF16_SCREEN and x_c.device.type == "cpu" and x_c.dtype == torch.float32

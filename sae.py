@@ -8,7 +8,9 @@ torch ops; the fast path that training runs (kernels.py) gives the same numbers.
 Citation tags, used the same way in every file of the project:
   paper §N   the paper's text, section N (or App. A.N);
   [code]     the released openai/sparse_autoencoder, where it differs from or adds to the text;
-  [peers]    what EleutherAI's sparsify, SAELens and dictionary_learning do.
+  [peers]    what EleutherAI's sparsify, SAELens and dictionary_learning do;
+  [recalled] a figure of the paper as its readers' notes give it, not checked against the text
+             (only scaling.py's joint-law coefficients, printed beside this project's fit).
 
 Training loop sketch (train.py owns the dead-latent counter, paper §2.4):
 

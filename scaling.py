@@ -91,7 +91,7 @@ SWEEP_FLAGS = {"model", "model_path", "data", "layer", "device", "dtype", "seed"
 # -----------------------------------------------------------------------------
 # Constants of the fits
 
-# paper §3.1.2, GPT-4, k in 32..512 [recalled: as remembered, not re-checked against the PDF]: the
+# paper §3.1.2, GPT-4, k in 32..512 [recalled] (tags: sae.py's docstring): the
 # joint law's coefficients, printed beside ours
 PAPER_JOINT = {"alpha": -0.50, "beta_k": 0.26, "beta_n": -0.017, "gamma": -0.042, "zeta": -1.32, "eta": -0.085}
 JOINT_NAMES = tuple(PAPER_JOINT)

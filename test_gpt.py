@@ -231,10 +231,24 @@ def run_gpt(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_pretrain_tiny_and_sample(tmp_path):
-    r = run_gpt("--preset", "tiny", "--iters", "20", "--out_dir", str(tmp_path / "g"), "--eval_windows", "8", cwd=tmp_path)
+def test_shipped_subject_model_reproduces_its_recorded_loss():
+    """data/gpt.pt, the default subject model, is what `python gpt.py` made: its held-out loss on
+    the same fixed windows is the one it recorded (up to another CPU's rounding)."""
+    model, tok, ckpt = gpt.load_gpt_checkpoint(gpt.DEFAULT_CKPT)
+    assert ckpt["train_args"]["preset"] == "cpu" and ckpt["train_args"]["seed"] == 1337
+    _, val_text = gpt.split_text(gpt.load_text())
+    windows = gpt.fixed_windows(gpt.encode_text(val_text, tok), ckpt["model_args"]["block_size"],
+                                ckpt["train_args"]["eval_windows"])
+    assert gpt.evaluate(model, windows) == pytest.approx(ckpt["val_loss"], abs=1e-4)
+    assert 1.5 < ckpt["val_loss"] < 1.7
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_pretrain_tiny_and_sample(tmp_path, dtype):
+    r = run_gpt("--preset", "tiny", "--iters", "20", "--out_dir", str(tmp_path / "g"), "--eval_windows", "8",
+                "--dtype", dtype, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "held-out loss" in r.stdout
+    assert "held-out loss" in r.stdout and dtype in r.stdout
     model, tok, ckpt = gpt.load_gpt_checkpoint(str(tmp_path / "g" / "ckpt.pt"))
     assert ckpt["model_args"]["n_layer"] == 2 and tok.kind == "char"
     r = run_gpt("--sample", "--out_dir", str(tmp_path / "g"), "--num_tokens", "20", cwd=tmp_path)

@@ -89,6 +89,16 @@ def test_two_stage_topk_equals_torch_topk(B, n, k, seed, ties):
 
 # ---- the bf16 screen (_screened_topk) ----
 
+@pytest.mark.parametrize("amx, avx512_bf16, native", [
+    (True, False, True), (False, True, True), (True, True, True), (False, False, False)])
+def test_bf16_screen_is_chosen_by_native_bf16_matmuls(monkeypatch, amx, avx512_bf16, native):
+    """AMX (Intel) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4) turn the screen on; a CPU
+    with neither emulates bf16 and keeps the fp32 encoder."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert kernels._native_bf16_matmul() == native
+
+
 def bf16_error_bound_holds(x, W, b):
     """Whether every exact pre-activation (float64) lies within A_b + u |pre~| of the screen's
     bf16 one; also -> the largest share of that bound an entry used."""

@@ -69,6 +69,16 @@ def test_no_init_tricks_starts_the_encoder_independent_of_the_decoder(tiny_gpt_c
     assert cos["tricks"] > 0.9 and abs(cos["none"]) < 0.3
 
 
+def test_learning_rate_schedule():
+    """20 steps, warm-up over 10% (2 steps), linear decay to 0 over the last 20% (4 steps);
+    without either, the paper's constant rate."""
+    c = train.TrainConfig(lr=1.0, lr_warmup=0.1, lr_decay=0.2)
+    assert [train.lr_at(c, s, 20) for s in range(20)] == [0.5] + [1.0] * 15 + [1.0, 0.75, 0.5, 0.25]
+    assert {train.lr_at(train.TrainConfig(lr=3e-4), s, 20) for s in range(20)} == {3e-4}
+    short = train.TrainConfig(lr=1.0, lr_warmup=0.5, lr_decay=0.5)  # warm-up and decay meet
+    assert [train.lr_at(short, s, 4) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+
+
 def test_cache_gives_same_batches(tiny_gpt_ckpt, tmp_path):
     c = train.TrainConfig(model=tiny_gpt_ckpt, ctx_len=32, tokens=5000, batch_size=256, shuffle_tokens=1024,
                           device="cpu").resolve()
@@ -180,7 +190,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tiny_gpt_ckpt, tmp_path):
     """Killed during steps and during a checkpoint write, resumed each time: the final
     parameters, EMA, Adam state and dead-latent counters equal an uninterrupted run's."""
     base = [sys.executable, "-c", FAULTY_TRAIN.format(here=HERE), "--model", tiny_gpt_ckpt,
-            "--out_dir", str(tmp_path), *RUN]
+            "--out_dir", str(tmp_path), *RUN, "--lr_warmup", "0.1", "--lr_decay", "0.3"]  # lr a function of step
 
     def run(run_name, fault, *extra):
         env = dict(os.environ, FAULT=fault)

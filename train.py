@@ -42,8 +42,8 @@ def flag(default, help):
 @dataclass
 class TrainConfig:
     # subject model and site
-    model: str = flag(gpt.DEFAULT_CKPT, "subject model: a gpt.py checkpoint (pretrained first if it is the "
-                      "missing default) or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    model: str = flag(gpt.DEFAULT_CKPT, "subject model: a gpt.py checkpoint (default: the shipped char "
+                      "GPT, data/gpt.pt) or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     model_path: str = flag("", "local Hugging Face GPT-2 weights (directory or model.safetensors / "
                            "pytorch_model.bin); default out/hf/<name>/, downloaded when online")
     data: str = flag("", "UTF-8 text the contexts are drawn from (its last ~10%% is held out); "
@@ -69,6 +69,10 @@ class TrainConfig:
     batch_size: int = flag(4096, "tokens per optimizer step, all processes together (under torchrun each "
                            "process takes batch_size / processes)")
     lr: float = flag(0.0, "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14)")
+    lr_warmup: float = flag(0.0, "share of the steps over which the learning rate rises linearly from 0 "
+                            "at the start; 0: none")
+    lr_decay: float = flag(0.0, "share of the steps over which the learning rate falls linearly to 0 at "
+                           "the end; 0: none (with --lr_warmup 0, the paper's constant learning rate)")
     ema_decay: float = flag(0.999, "decay of the weight EMA that is evaluated and saved (paper: 0.999)")
     grad_clip: float = flag(0.0, "clip the gradient norm to this; 0 is off")
     dead_tokens: int = flag(0, "a latent is dead after this many tokens without firing; 0 means "
@@ -150,8 +154,8 @@ def check_config(c):
 def load_subject(c):
     """(model, tokenizer, train token ids, held-out token ids, reference dict)."""
     if c.model == gpt.DEFAULT_CKPT and not os.path.isfile(c.model):
-        print(f"{c.model} not found: pretraining the default subject model first (python gpt.py)")
-        gpt.main(["--out_dir", os.path.dirname(c.model), "--device", c.device])
+        raise UserError(f"the shipped subject model {c.model} is missing: restore it (git checkout data/gpt.pt), "
+                        f"or train one with `python gpt.py` and pass --model out/gpt/ckpt.pt")
     model, tok, ref = gpt.load_subject_model(c.model, c.model_path or None)
     if c.layer == -1:
         c.layer = model.config.n_layer * 2 // 3  # the paper's layer 8 of GPT-2 small's 12
@@ -450,6 +454,7 @@ class Run:
     ckpt_path: str
     log_path: str
     main_rank: bool  # rank 0 alone writes and prints
+    total_steps: int
     step: int = 0
     skipped: int = 0  # non-finite batches skipped (--skip_nonfinite)
 
@@ -484,7 +489,8 @@ def start_run(c, resume):
                            fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
     run = Run(c, model, subject, val_ids, stream, sae, sae, opt, None,
               torch.zeros(c.n_latents, dtype=torch.long, device=c.device),
-              os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl"), rank == 0)
+              os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl"), rank == 0,
+              math.ceil(c.tokens / c.batch_size))
     ck = restore(run) if resume else init_sae(run)
     if distributed:
         # DDP starts by copying rank 0's parameters to every rank (b_pre came from each rank's own shard)
@@ -527,6 +533,18 @@ def restore(run):
     return ck
 
 
+def lr_at(c, step, total_steps):
+    """The learning rate of step `step` (0-based) of total_steps: c.lr, ramped up linearly over
+    the first lr_warmup share of the steps and down to 0 over the last lr_decay share."""
+    warm, decay = c.lr_warmup * total_steps, c.lr_decay * total_steps
+    factor = 1.0
+    if step < warm:
+        factor = (step + 1) / warm
+    if step >= total_steps - decay:
+        factor = min(factor, (total_steps - step) / decay)
+    return c.lr * factor
+
+
 def train_step(run, x, dead):
     """One step of the paper's training on the batch x (B, d_model), dead (n_latents,) the
     latents that have not fired for dead_tokens tokens -> the global batch's [loss, fvu,
@@ -545,6 +563,8 @@ def train_step(run, x, dead):
                             f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
         run.skipped += 1
         return None
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(c, run.step, run.total_steps)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()                   # DDP: the gradients arrive averaged over the ranks
     sae.project_decoder_grad()        # paper App. A.1 / [code]: keep decoder rows on the unit sphere
@@ -565,7 +585,7 @@ def train(c, resume=False):
     torchrun (setup_distributed first) every rank runs this; rank 0 alone writes and prints."""
     from tqdm import tqdm
     run = start_run(c, resume)
-    total_steps = math.ceil(c.tokens / c.batch_size)
+    total_steps = run.total_steps
     t0 = time.time()
     bar = tqdm(total=total_steps * c.batch_size, initial=run.step * c.batch_size, unit="tok", unit_scale=True,
                desc=c.run, dynamic_ncols=True, disable=not run.main_rank)
