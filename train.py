@@ -57,6 +57,7 @@ class TrainConfig:
     n_latents: int = flag(32768, "number of latents n")
     k: int = flag(32, "active latents per token (TopK)")
     k_aux: int = flag(0, "dead latents used by AuxK; 0 uses sae.py's default")
+    auxk_coef: float = flag(1 / 32, "weight of the AuxK loss (paper App. A.2: 1/32)")
     activation: str = flag("topk", "topk (the paper's SAE) or relu (ReLU + L1 baseline, needs --l1_coef)")
     l1_coef: float = flag(0.0, "L1 penalty weight for --activation relu")
     multi_topk: bool = flag(False, "train with Multi-TopK, L(k) + L(4k)/8 (paper §5.3)")
@@ -433,6 +434,7 @@ def step_loss(sae, x, out):
 def make_sae(c, d_model):
     try:
         return SAE(SAEConfig(d_model=d_model, n_latents=c.n_latents, k=c.k, k_aux=c.k_aux or None,
+                             auxk_coef=c.auxk_coef,
                              activation=c.activation, l1_coef=c.l1_coef, multi_topk=c.multi_topk))
     except ValueError as e:
         raise UserError(f"bad SAE setting: {e}") from None
