@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -51,6 +52,129 @@ def run_cli(main, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Flag rules: every command line states what each flag accepts in one RULES table, checked by
+# check_flags before any work is done or any directory made.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (bad type, unknown choice, missing value) are UserErrors: one
+    line and status 2 through run_cli, like every other user error, and catchable in tests."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite number in [lo, hi] (or (lo, ... / ..., hi) when open); note says what special values mean."""
+    lo: float
+    hi: float
+    open_lo: bool = False
+    open_hi: bool = False
+    note: str = ""
+
+    def __call__(self, v):
+        finite = isinstance(v, int) or math.isfinite(v)  # an int may be too large to make a float
+        if finite and (v > self.lo if self.open_lo else v >= self.lo) and (v < self.hi if self.open_hi else v <= self.hi):
+            return None
+        span = f"{'(' if self.open_lo else '['}{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
+        return f"use a number in {span}" + (f" ({self.note})" if self.note else "")
+
+
+@dataclass(frozen=True)
+class OneOf:
+    choices: tuple
+
+    def __call__(self, v):
+        return None if v in self.choices else f"use one of {', '.join(self.choices)}"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """An existing, readable file; dirs_too: or a directory (weights given as a folder)."""
+    what: str = "file"
+    dirs_too: bool = False
+
+    def __call__(self, v):
+        if os.path.isdir(v) and not self.dirs_too:
+            return f"is a directory: pass the {self.what} itself"
+        if not os.path.exists(v):
+            return f"no such {self.what}: check the path"
+        if not os.access(v, os.R_OK):
+            return f"not readable: check its permissions"
+        return None
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """A directory that exists or can be made, and that this process can write in: probed by
+    making and removing a directory there, which (unlike os.access) holds for root too."""
+
+    def __call__(self, v):
+        top = v
+        while top and not os.path.exists(top):
+            top = os.path.dirname(top.rstrip(os.sep))
+        top = top or "."
+        if not os.path.isdir(top):
+            return f"{top} is a file, not a directory: pass a directory path"
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=top, prefix=".probe"))
+        except OSError as e:
+            return f"cannot write in {top} ({e.strerror}): pass a writable directory"
+        return None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A subject model: a GPT-2 name or a gpt.py checkpoint file."""
+
+    def __call__(self, v):
+        if v in GPT.PRETRAINED or os.path.isfile(v):
+            return None
+        if v == DEFAULT_CKPT:
+            return "the shipped subject model is missing: restore it (git checkout data/gpt.pt), or train one " \
+                   "with `python gpt.py` and pass --model out/gpt/ckpt.pt"
+        if os.path.isdir(v):
+            return "is a directory: pass the checkpoint file in it (ckpt.pt)"
+        return f"unknown model: use a gpt.py checkpoint path or one of {', '.join(GPT.PRETRAINED)}"
+
+
+def check_device(v):
+    """A torch device this machine has."""
+    try:
+        d = torch.device(v)
+    except (RuntimeError, ValueError):
+        return "not a torch device: use cpu, cuda or cuda:N"
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        return f"no such CUDA device here ({torch.cuda.device_count()} visible): use cpu"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available here: use cpu"
+    return None if d.type in ("cpu", "cuda", "mps") else "use cpu, cuda or cuda:N"
+
+
+SEED = Number(0, 2 ** 32 - 1)
+
+
+def check_flags(values, rules, positional=()):
+    """Apply rules {name: rule} to the attributes of `values` (argparse's namespace or a
+    config); a rule maps a value to what is wrong with it and the fix, or None. None and ""
+    mean "not given, a default is chosen later" and pass; a rule of None accepts any text."""
+    for name, rule in rules.items():
+        v = getattr(values, name)
+        problem = None if rule is None or v is None or v == "" else rule(v)
+        if problem:
+            shown = " ".join(map(str, v)) if isinstance(v, list) else v  # nargs="+"
+            raise UserError(f"{name if name in positional else '--' + name} {shown}: {problem}")
+
+
+def parse_args(parser, rules, argv, positional=()):
+    """parser's arguments, checked against rules (check_flags)."""
+    args = parser.parse_args(argv)
+    check_flags(args, rules, positional)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -417,15 +541,26 @@ def evaluate(model, windows, batch_size=64, device="cpu"):
 
 def save_checkpoint(obj, path):
     """Write to a temporary file in the same directory, fsync, then rename over `path`:
-    a crash at any moment leaves either the old or the new complete file."""
+    a crash at any moment leaves either the old or the new complete file. A failed write (a
+    full disk) removes the temporary file and keeps the old one: a UserError names the disk."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        err = e if isinstance(e, OSError) else e.__context__  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(err, OSError):
+            raise
+        kept = "the previous checkpoint there is kept" if os.path.exists(path) else "nothing was written"
+        raise UserError(f"cannot write {path} ({err.strerror or err}) on the disk holding {d}; {kept}. Free space "
+                        f"on that disk (or write elsewhere), then rerun (train.py: --resume)") from None
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -575,8 +710,18 @@ def sample(args):
     print(tok.decode(out[0].tolist()))
 
 
+# what each flag accepts (check_flags); --preset, --tokenizer and --dtype are argparse choices
+RULES = {"out_dir": OutputDir(), "data": InputFile("text file"), "n_layer": Number(1, 1024),
+         "n_head": Number(1, 1024), "n_embd": Number(1, 1 << 16), "block_size": Number(1, 1 << 16),
+         "dropout": Number(0, 1, open_hi=True), "batch_size": Number(1, 1 << 20), "iters": Number(1, 10 ** 9),
+         "lr": Number(0, 1, open_lo=True), "warmup": Number(0, 10 ** 9), "eval_windows": Number(1, 1 << 20),
+         "device": check_device, "seed": SEED,
+         "start": None,  # any text: characters the tokenizer lacks are named when it encodes them
+         "num_tokens": Number(0, 1 << 20)}
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Pretrain the subject GPT (or sample from it).",
+    p = ArgumentParser(description="Pretrain the subject GPT (or sample from it).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="model size and schedule: cpu (~5 min on 2 cores), gpu (nanoGPT's baby GPT), tiny (tests)")
@@ -592,8 +737,9 @@ def build_parser():
     p.add_argument("--eval_windows", type=int, default=400, help="fixed held-out windows for the final loss")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="autocast dtype of the training forward: auto is bfloat16 on CUDA and on CPUs with "
-                        "native bf16 matmuls (AMX or AVX512-BF16), else float32; evaluation runs in float32")
+                   help="autocast dtype of the training forward: auto is bfloat16 on CUDA, float32 on CPU "
+                        "(bf16 autocast did not pay for the default model there: README); evaluation runs "
+                        "in float32")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--sample", action="store_true", help="print generated text from --out_dir/ckpt.pt and exit")
     p.add_argument("--start", default="\n", help="prompt for --sample")
@@ -602,15 +748,20 @@ def build_parser():
     return p
 
 
-def main(argv=None):
+def parse(argv=None):
+    """The flags, the preset's values filled in and every value checked (RULES)."""
     args = build_parser().parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    check_flags(args, RULES)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     if args.dtype == "auto":
-        import kernels  # the fast path knows which CPUs multiply bf16 natively
-        native = args.device.startswith("cuda") or (args.device == "cpu" and kernels._native_bf16_matmul())
-        args.dtype = "bfloat16" if native else "float32"
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.sample:
         return sample(args)
     return pretrain(args)
