@@ -9,7 +9,7 @@ evals.py: the paper's evaluations of a trained SAE, on held-out text only.
 
 Loads the SAE and the subject model its checkpoint names (checked against the recorded
 sha256), reads the held-out split of the text it was trained on (gpt.split_text) and prints
-a report in seven sections, the paper's metrics in its order:
+a report in eight sections, the paper's metrics in its order, then SAEBench's core metrics:
 
     1. reconstruction        FVU (normalized MSE) and L0                          paper §2.1
     2. latent activity       dead and dense latents, firing-rate histogram        paper §2.4
@@ -18,6 +18,7 @@ a report in seven sections, the paper's metrics in its order:
     5. N2G                   pattern explanations: precision, recall, F1          paper §4.3
     6. ablation sparsity     how concentrated one latent's effect on logits is    paper §4.5
     7. progressive recovery  FVU and delta CE at test-time k'                     paper §5.3
+    8. SAEBench core         explained variance, cosine, shrinkage, alive, max cos  SAEBench evals/core
 
 Writes eval.json (every number, the flags, per-task probes, N2G patterns) and the PNGs
 eval_firing_rates.png and eval_progressive.png next to the checkpoint (with --raw:
@@ -41,7 +42,7 @@ from gpt import UserError
 from interchange import export_sparsify, import_flags, import_sparsify
 from sae import fvu
 
-SECTIONS = ("reconstruction", "activity", "downstream", "probe", "n2g", "ablation", "progressive")
+SECTIONS = ("reconstruction", "activity", "downstream", "probe", "n2g", "ablation", "progressive", "saebench")
 ABLATION_T = 16  # paper §4.5: the ablated position and the next 15, 16 positions in all
 
 
@@ -76,6 +77,14 @@ def build_parser():
                    help="for an SAE directory: tokens per held-out context; default: the nanosae block's, else 64")
     p.add_argument("--data", default="", help="for an SAE directory: the text whose last ~10%% is held out; "
                    "default: the nanosae block's, else the bundled corpus")
+    p.add_argument("--html", action="store_true",
+                   help="also write features.html next to the checkpoint: a self-contained feature browser "
+                        "(browser.py) of --html_latents latents")
+    p.add_argument("--html_latents", type=int, default=200,
+                   help="latents on the --html page: each probe task's best latent and the --text prompt's, then "
+                        "live latents evenly spaced by firing rate (a stratified sample over density), plus 5 dead ones")
+    p.add_argument("--text", default="", help="a prompt: print each token's top latents with their activations and "
+                   "N2G explanations, and stop (with --html: after the report, and shown on the page too)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return p
 
@@ -209,14 +218,20 @@ def reconstruction(sae, data):
 # 2. Latent activity (paper §2.4)
 
 
+def firing_rates(sae, data):
+    """(n_latents,) f_i = #{evaluated tokens with z_i > 0} / #tokens, float64 on the CPU."""
+    vals, idx = data.code(own_k(sae))
+    return torch.bincount(idx[vals > 0], minlength=sae.cfg.n_latents).double().cpu() / len(vals)
+
+
 def latent_activity(sae, data):
     """Firing rate f_i = #{tokens with z_i > 0} / #tokens over the evaluated tokens. Dead: f_i = 0
     (the paper's criterion is 10M training tokens, §2.4: on a smaller sample more latents look
     dead). Dense: f_i > 1% and > 10%. Histogram of log10 f_i over the live latents. For a TopK
     SAE, how far the dead are from firing: the median over dead latents of their largest
     pre-activation, against the median over tokens of the k-th largest (the TopK threshold)."""
-    vals, idx = data.code(own_k(sae))
-    freq = torch.bincount(idx[vals > 0], minlength=sae.cfg.n_latents).double().cpu() / len(vals)  # (n_latents,)
+    vals = data.code(own_k(sae))[0]
+    freq = firing_rates(sae, data)
     live = freq[freq > 0].log10().numpy()
     counts, edges = np.histogram(live, bins=50) if len(live) else (np.zeros(0), np.zeros(0))
     dead = freq == 0
@@ -562,11 +577,12 @@ def latent_act_fn(model, sae, layer, pad, batch=256):
     return act_fn
 
 
-def n2g(model, sae, data, layer, tok, n_latents, n_examples, seed):
+def n2g(model, sae, data, layer, tok, n_latents, n_examples, seed, latents=None):
     """paper §4.3. Held-out ids split in halves: sample live latents of the first half, build
     each one's N2G explanation from its top-activating and random activating contexts there
     (n2g_build), predict "fires" (activation > 0) at every evaluated token of the second half
-    and score against the SAE code: precision, recall, F1 per latent, and their medians."""
+    and score against the SAE code: precision, recall, F1 per latent, and their medians.
+    latents: explain these (those live in the first half) instead of a sample."""
     from tqdm import tqdm
     g = torch.Generator().manual_seed(seed)
     W, T, _ = data.h.shape
@@ -580,6 +596,8 @@ def n2g(model, sae, data, layer, tok, n_latents, n_examples, seed):
     vals, idx = (t.cpu() for t in data.code(own_k(sae)))
     fired = torch.bincount(idx[build][vals[build] > 0], minlength=sae.cfg.n_latents)
     live = fired.nonzero()[:, 0]
+    if latents is not None:
+        live = live[torch.isin(live, torch.as_tensor(list(latents), dtype=live.dtype))]
     latents = live[torch.randperm(len(live), generator=g)[:n_latents]].sort().values  # (S,)
     col = torch.full((sae.cfg.n_latents,), -1).index_put_((latents,), torch.arange(len(latents)))
     z = torch.zeros(len(vals), len(latents))  # (N, S) activations of the sampled latents
@@ -693,6 +711,57 @@ def progressive_recovery(model, sae, data, layer, k):
 
 
 # -----------------------------------------------------------------------------
+# 8. SAEBench's core metrics (adamkarvonen/SAEBench, sae_bench/evals/core/main.py)
+
+
+def max_cosine(W, chunk_elems=2 ** 25):
+    """(n, d) rows -> (n,) each row's largest cosine similarity with any other row, in row
+    chunks so the (chunk, n) similarity block stays small."""
+    Wn = F.normalize(W.float(), dim=1)
+    out = torch.empty(len(W), device=W.device)
+    rows = max(1, chunk_elems // len(W))
+    for i in range(0, len(W), rows):
+        s = Wn[i:i + rows] @ Wn.T  # (rows, n)
+        s[torch.arange(len(s)), torch.arange(i, i + len(s))] = -float("inf")  # not itself
+        out[i:i + rows] = s.max(1).values
+    return out
+
+
+def saebench_metrics(x, x_hat, freq, W_enc, W_dec):
+    """SAEBench core's definitions, in the raw residual space (SAEBench treats the SAE as a map
+    x -> x_hat there too), per token t of x, x_hat (N, d), each a mean over tokens unless said:
+    explained_variance = mean_t (1 - ||x_t - x_hat_t||^2 / ||x_t - mean_s x_s||^2) (a mean of
+    per-token ratios, where 1 - FVU is a ratio of sums); cossim = mean_t cos(x_t, x_hat_t);
+    l2_ratio = mean_t ||x_hat_t|| / ||x_t||; relative_reconstruction_bias = mean_t ||x_hat_t||^2 /
+    mean_t <x_t, x_hat_t> (shrinkage, arXiv 2404.16014 eq. 10: 1 unbiased, < 1 shrunk). From the
+    firing rates freq (n_latents,): frac_alive = mean_i [f_i > 0] (1 - dead_frac);
+    freq_over_1/10_percent = mean_i [f_i > 0.01 / 0.1] (dense_1pct/10pct_frac), and
+    normalized_freq_over_1/10_percent, those latents' share of all firings. From the weights
+    (n_latents, d): average_max_encoder/decoder_cosine_sim = mean_i max_{j != i} cos(w_i, w_j)
+    over all latents. SAEBench averages the ratios per batch of 2,048 tokens; here one sample."""
+    x, x_hat = x.double(), x_hat.double()
+    tot = (x - x.mean(0)).pow(2).sum(1)
+    norm_in = x.norm(dim=1)
+    ratio = x_hat.norm(dim=1) / torch.where(norm_in < 1e-4, 1.0, norm_in)  # SAEBench's guard
+    share = lambda m: (freq[m].sum() / freq.sum()).item() if freq.sum() > 0 else 0.0
+    return {"explained_variance": (1 - (x - x_hat).pow(2).sum(1) / tot).mean().item(),
+            "cossim": F.cosine_similarity(x, x_hat, dim=1).mean().item(), "l2_ratio": ratio.mean().item(),
+            "relative_reconstruction_bias": (x_hat.pow(2).sum(1).mean() / (x * x_hat).sum(1).mean()).item(),
+            "frac_alive": (freq > 0).double().mean().item(),
+            "freq_over_1_percent": (freq > 0.01).double().mean().item(),
+            "freq_over_10_percent": (freq > 0.1).double().mean().item(),
+            "normalized_freq_over_1_percent": share(freq > 0.01),
+            "normalized_freq_over_10_percent": share(freq > 0.1),
+            "average_max_encoder_cosine_sim": max_cosine(W_enc).mean().item(),
+            "average_max_decoder_cosine_sim": max_cosine(W_dec).mean().item(), "tokens": len(x)}
+
+
+def saebench_core(sae, data):
+    return saebench_metrics(data.x, reconstruct(sae, data, own_k(sae))[1], firing_rates(sae, data),
+                            sae.W_enc.detach(), sae.W_dec.detach())
+
+
+# -----------------------------------------------------------------------------
 # The report: a plain-text table, eval.json, PNGs
 
 
@@ -760,7 +829,25 @@ def report(res, meta):
         lines.append(f"    {'k':>6}{'FVU':>10}{'delta CE':>12}")
         for p in r["points"]:
             lines.append(f"    {p['k']:>6}{p['fvu']:>10.4f}{p['delta_ce']:>+12.4f}")
+    if "saebench" in res:
+        lines += saebench_lines(res["saebench"])
     return "\n".join(lines)
+
+
+def saebench_lines(r):
+    """Section 8 of the report: SAEBench's names, raw residual space."""
+    rows = [("explained variance (mean of per-token ratios)", f"{r['explained_variance']:.4f}"),
+            ("cosine(x, x_hat)", f"{r['cossim']:.4f}"),
+            ("L2 ratio ||x_hat||/||x||; relative recon. bias",
+             f"{r['l2_ratio']:.4f}; {r['relative_reconstruction_bias']:.4f}"),
+            ("alive; firing on > 1% / > 10% of tokens",
+             f"{r['frac_alive']:.2%}; {r['freq_over_1_percent']:.2%} / {r['freq_over_10_percent']:.2%}"),
+            ("share of firings by those > 1% / > 10%",
+             f"{r['normalized_freq_over_1_percent']:.2%} / {r['normalized_freq_over_10_percent']:.2%}"),
+            ("max cosine to another latent, mean: enc / dec",
+             f"{r['average_max_encoder_cosine_sim']:.4f} / {r['average_max_decoder_cosine_sim']:.4f}")]
+    return ["8. SAEBench core metrics (adamkarvonen/SAEBench evals/core), raw residual space",
+            *(f"    {name:<52}{value}" for name, value in rows)]
 
 
 def plot(res, prefix):
@@ -821,6 +908,9 @@ def main(argv=None):
     with torch.no_grad():
         data = heldout(model, sae, val_ids, layer, subject["ctx_len"], subject["include_first"], args.tokens,
                        4 * (k or 1))
+        if args.text and not args.html:  # the prompt view alone
+            import browser
+            return browser.run(args, model, sae, tok, data, layer, {}, {}, "")
         # a ReLU SAE's progressive recovery is centered on its mean L0
         k_ref = k or max(1, round(reconstruction(sae, data)["l0"]))
         run = {
@@ -832,6 +922,7 @@ def main(argv=None):
             "ablation": lambda: ablation_sparsity(model, sae, data, layer, args.ablation_samples or
                                                   (256 if model.config.vocab_size <= 1000 else 32), args.seed),
             "progressive": lambda: progressive_recovery(model, sae, data, layer, k_ref),
+            "saebench": lambda: saebench_core(sae, data),
         }
         res, seconds = {}, {"heldout_pass": round(time.time() - t0, 2)}
         for name in SECTIONS:
@@ -848,6 +939,10 @@ def main(argv=None):
     prefix = os.path.join(os.path.abspath(args.path) if imported else os.path.dirname(os.path.abspath(args.path)),
                           "eval_raw" if args.raw else "eval")
     pngs = plot(res, prefix)
+    if args.html:
+        import browser
+        page = browser.run(args, model, sae, tok, data, layer, res, meta, os.path.dirname(prefix))
+        seconds["html"] = page["seconds"]
     out = {"meta": meta, "flags": {f: v for f, v in vars(args).items() if f != "debug"}, "subject": subject,
            "sae_config": vars(sae.cfg), "results": res, "seconds": seconds, "plots": pngs}
     with open(prefix + ".json", "w") as fh:

@@ -105,6 +105,43 @@ def test_latent_activity_counts():
     assert r["dead_peak_preact_median"] == pytest.approx(-0.6) and r["topk_threshold_median"] == 0
 
 
+# ---- 8. SAEBench core ------------------------------------------------------------
+
+
+def test_saebench_metrics_known_answers():
+    x = torch.tensor([[1.0, 0], [-1, 0], [0, 2], [0, -2]])  # mean 0: each token's own norm is its spread
+    freq = torch.tensor([0, 0.5, 0.05, 0.005, 0.0], dtype=torch.float64)
+    W_enc = torch.tensor([[1.0, 0], [2, 0], [0, 1]])  # rows 0 and 1 parallel, row 2 orthogonal to both
+    W_dec = torch.tensor([[1.0, 0], [1, 1], [0, 1]])  # 45 degrees apart in turn
+    r = evals.saebench_metrics(x, 0.5 * x, freq, W_enc, W_dec)
+    # x_hat = x / 2: per token 1 - (1/2)^2 explained; parallel; half the norm; shrinkage 1/2
+    assert r["explained_variance"] == pytest.approx(0.75) and r["cossim"] == pytest.approx(1.0)
+    assert r["l2_ratio"] == pytest.approx(0.5) and r["relative_reconstruction_bias"] == pytest.approx(0.5)
+    assert r["frac_alive"] == pytest.approx(0.6)
+    assert r["freq_over_1_percent"] == pytest.approx(0.4) and r["freq_over_10_percent"] == pytest.approx(0.2)
+    assert r["normalized_freq_over_10_percent"] == pytest.approx(0.5 / 0.555)
+    assert r["average_max_encoder_cosine_sim"] == pytest.approx(2 / 3)
+    assert r["average_max_decoder_cosine_sim"] == pytest.approx(2 ** -0.5)
+    # a mean of per-token ratios, not 1 - FVU: a token far from the mean weighs the same as a near one
+    x_hat = x.clone()
+    x_hat[2:] = 0  # the two large tokens (4/5 of the variance) lost: 1 - FVU = 0.2, per-token mean 0.5
+    r = evals.saebench_metrics(x, x_hat, freq, W_enc, W_dec)
+    assert r["explained_variance"] == pytest.approx(0.5)
+    assert 1 - evals.fvu(x, x_hat).item() == pytest.approx(0.2)
+    assert r["l2_ratio"] == pytest.approx(0.5) and r["relative_reconstruction_bias"] == pytest.approx(1.0)
+    # a zero input: SAEBench's guard divides by 1, not by ~0
+    assert evals.saebench_metrics(torch.zeros(2, 2), torch.ones(2, 2), freq, W_enc, W_dec)["l2_ratio"] == \
+        pytest.approx(2 ** 0.5)
+
+
+def test_max_cosine_chunks_agree_with_the_full_matrix():
+    W = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    Wn = torch.nn.functional.normalize(W, dim=1)
+    s = Wn @ Wn.T
+    s.fill_diagonal_(-2)
+    torch.testing.assert_close(evals.max_cosine(W, chunk_elems=7 * 50), s.max(1).values)
+
+
 # ---- 4. probe loss -----------------------------------------------------------------
 
 
@@ -309,7 +346,7 @@ def test_report_end_to_end(tiny_sae_ckpt, capsys):
     out = evals.main([tiny_sae_ckpt, *SMALL])
     text = capsys.readouterr().out
     for header in ("1. Reconstruction", "2. Latent activity", "3. Downstream loss", "4. Probe loss",
-                   "5. N2G", "6. Ablation sparsity", "7. Progressive recovery"):
+                   "5. N2G", "6. Ablation sparsity", "7. Progressive recovery", "8. SAEBench core"):
         assert header in text
     d = os.path.dirname(tiny_sae_ckpt)
     j = strict_json(os.path.join(d, "eval.json"))
@@ -320,12 +357,16 @@ def test_report_end_to_end(tiny_sae_ckpt, capsys):
                          ("downstream", "kl"), ("downstream", "loss_recovered_zero"),
                          ("downstream", "loss_recovered_mean"), ("probe", "mean_latent_ce"),
                          ("probe", "mean_channel_ce"), ("n2g", "median_f1"), ("ablation", "mean_latent"),
-                         ("ablation", "mean_random")]:
+                         ("ablation", "mean_random"), ("saebench", "explained_variance"), ("saebench", "cossim"),
+                         ("saebench", "l2_ratio"), ("saebench", "relative_reconstruction_bias"),
+                         ("saebench", "average_max_decoder_cosine_sim")]:
         assert isinstance(r[section][key], float), (section, key)
     assert len(r["probe"]["tasks"]) + len(r["probe"]["skipped"]) >= 20
     assert all(t["latent_ce"] > 0 for t in r["probe"]["tasks"])
     assert r["n2g"]["explanations"] and r["n2g"]["explanations"][0]["patterns"]
     assert [p["k"] for p in r["progressive"]["points"]] == [1, 2, 4, 8, 16]
+    assert r["saebench"]["frac_alive"] == pytest.approx(1 - r["activity"]["dead_frac"])
+    assert r["saebench"]["freq_over_1_percent"] == r["activity"]["dense_1pct_frac"]
     assert j["flags"]["tokens"] == 2048 and out["meta"]["weights"] == "EMA"
     # the same held-out windows as train.py's summary (--eval_tokens 2048): the same numbers
     metrics = gpt.load_checkpoint(tiny_sae_ckpt)["metrics"]
@@ -337,7 +378,7 @@ def test_report_end_to_end(tiny_sae_ckpt, capsys):
 
 
 def test_skip_and_raw(tiny_sae_ckpt):
-    out = evals.main([tiny_sae_ckpt, *SMALL, "--raw", "--skip", "probe,n2g,ablation,progressive,activity"])
+    out = evals.main([tiny_sae_ckpt, *SMALL, "--raw", "--skip", "probe,n2g,ablation,progressive,activity,saebench"])
     assert set(out["results"]) == {"reconstruction", "downstream"}
     assert strict_json(os.path.join(os.path.dirname(tiny_sae_ckpt), "eval_raw.json"))["meta"]["weights"] == "raw"
     with pytest.raises(UserError, match="unknown section"):
