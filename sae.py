@@ -259,7 +259,10 @@ class SAE(nn.Module):
         helps short runs: with W_enc = W_dec the top k of n_latents random directions
         overshoot, which a short run spends hundreds of steps undoing (README, Results).
         Call after init_b_pre."""
-        g = torch.Generator(device=self.W_enc.device).manual_seed(0)
+        # its own generator, seeded from the global one: a fixed seed would repeat the stream
+        # that drew W_dec under the same global seed, and the samples would be decoder rows
+        seed = int(torch.randint(2**62, (1,)))
+        g = torch.Generator(device=self.W_enc.device).manual_seed(seed)
         u = F.normalize(torch.randn(n_samples, self.cfg.d_model, generator=g, device=self.W_enc.device), dim=1)
         x_hat_n = self.decode_sparse(*self.encode_sparse(u + self.b_pre)) - self.b_pre  # (n_samples, d)
         self.W_enc.div_(x_hat_n.norm(dim=1).mean().clamp_min(1e-12))

@@ -158,8 +158,9 @@ def test_init_encoder_is_a_copy_of_unit_decoder_rows():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6, rtol=0)
 
 
-def test_init_encoder_scale_gives_unit_norm_reconstructions():
-    torch.manual_seed(1)
+@pytest.mark.parametrize("seed", [0, 1])  # 0: the seed whose stream once drew both W_dec and the samples
+def test_init_encoder_scale_gives_unit_norm_reconstructions(seed):
+    torch.manual_seed(seed)
     sae = SAE(SAEConfig(d_model=16, n_latents=256, k=8))
     with torch.no_grad():
         sae.b_pre.normal_()
