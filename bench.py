@@ -331,8 +331,27 @@ def print_table(res):
               f"{t['dead_frac']:.0%} dead at the end")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark the SAE training step against the encoder-matmul floor.",
+def check_shapes(shapes):
+    """--shapes: entries d_model,n_latents,k,batch, positive integers with k <= n_latents."""
+    for s in shapes:
+        try:
+            d, n, k, b = (int(v) for v in s.split(","))
+        except ValueError:
+            return f"entry {s} is not d_model,n_latents,k,batch (four integers, commas, no spaces)"
+        if min(d, n, k, b) < 1 or k > n:
+            return f"entry {s} needs every value >= 1 and k <= n_latents"
+    return None
+
+
+# what each flag accepts (gpt.check_flags); --screen is an argparse choice
+RULES = {"device": gpt.check_device, "shapes": check_shapes, "dead_frac": gpt.Number(0, 1), "warmup": gpt.Number(0, 1000),
+         "runs": gpt.Number(1, 1000), "model": None,  # any: a missing model skips its rows, as --help says
+         "act_contexts": gpt.Number(1, 1 << 20), "e2e_tokens": gpt.Number(1, 10 ** 10),
+         "e2e_shuffle": gpt.Number(1, 1 << 28), "threads": gpt.Number(0, 4096)}
+
+
+def build_parser():
+    p = gpt.ArgumentParser(description="Benchmark the SAE training step against the encoder-matmul floor.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--shapes", nargs="+", metavar="D,N,K,B",
@@ -358,7 +377,11 @@ def main(argv=None):
                    help="the encoder's bf16 screen on CPU (kernels.py): auto uses it where the CPU has native "
                         "bf16 matmuls (AMX or AVX512-BF16); on and off force it, to compare on one machine")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = gpt.parse_args(build_parser(), RULES, argv)
     if args.quick:
         args.runs, args.act_contexts, args.e2e_tokens, args.e2e_shuffle = 2, 16, 2048, 1024
     if args.threads:

@@ -47,7 +47,7 @@ ABLATION_T = 16  # paper §4.5: the ablated position and the next 15, 16 positio
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate a train.py SAE checkpoint on held-out text (the paper's metrics).",
+    p = gpt.ArgumentParser(description="Evaluate a train.py SAE checkpoint on held-out text (the paper's metrics).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", help="SAE checkpoint written by train.py, e.g. out/topk_n32768_k32/ckpt.pt, or a directory "
                                 "in sparsify's layout (see --export, --model)")
@@ -87,6 +87,22 @@ def build_parser():
                    "N2G explanations, and stop (with --html: after the report, and shown on the page too)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return p
+
+
+def check_sections(skip):
+    unknown = {s for s in skip.split(",") if s} - set(SECTIONS)
+    return f"unknown section(s) {', '.join(sorted(unknown))}; choose from {','.join(SECTIONS)}" if unknown else None
+
+
+# what each flag accepts (gpt.check_flags), checked before anything is loaded
+RULES = {"path": gpt.InputFile("checkpoint (ckpt.pt) or sparsify directory", dirs_too=True),
+         "tokens": gpt.Number(1, 1 << 30), "probe_tokens": gpt.Number(2, 1 << 24), "n2g_latents": gpt.Number(1, 1 << 24),
+         "n2g_examples": gpt.Number(1, 1 << 16),
+         "ablation_samples": gpt.Number(0, 1 << 20, note="0: 256, or 32 for GPT-2's vocabulary"),
+         "skip": check_sections, "seed": gpt.SEED, "device": gpt.check_device, "export": gpt.OutputDir(),
+         "model": gpt.Model(), "layer": gpt.Number(0, 10_000), "ctx_len": gpt.Number(2, 1 << 20),
+         "data": gpt.InputFile("text file"), "html_latents": gpt.Number(0, 1 << 20),
+         "text": None}  # any prompt: characters the tokenizer lacks are named when it encodes them
 
 
 # -----------------------------------------------------------------------------
@@ -891,14 +907,8 @@ def json_ready(x):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = gpt.parse_args(build_parser(), RULES, argv, positional=("path",))
     skip = {s for s in args.skip.split(",") if s}
-    if skip - set(SECTIONS):
-        raise UserError(f"--skip {args.skip}: unknown section(s) {', '.join(sorted(skip - set(SECTIONS)))}; "
-                        f"choose from {','.join(SECTIONS)}")
-    for name in ("tokens", "probe_tokens", "n2g_latents", "n2g_examples", "ablation_samples"):
-        if getattr(args, name) < (0 if name == "ablation_samples" else 1):
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.export:
         return export_sparsify(args.path, args.export, args.raw)
     torch.manual_seed(args.seed)

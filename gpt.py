@@ -104,7 +104,7 @@ class InputFile:
         if not os.path.exists(v):
             return f"no such {self.what}: check the path"
         if not os.access(v, os.R_OK):
-            return f"not readable: check its permissions"
+            return "not readable: check its permissions"
         return None
 
 
@@ -166,7 +166,8 @@ def check_flags(values, rules, positional=()):
         v = getattr(values, name)
         problem = None if rule is None or v is None or v == "" else rule(v)
         if problem:
-            shown = " ".join(map(str, v)) if isinstance(v, list) else v  # nargs="+"
+            shown = " ".join(map(str, v)) if isinstance(v, list) else str(v)  # a list: nargs="+"
+            shown = shown if shown.isprintable() else repr(shown)  # the message stays one line
             raise UserError(f"{name if name in positional else '--' + name} {shown}: {problem}")
 
 

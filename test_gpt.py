@@ -1,5 +1,7 @@
 """Tests for gpt.py: the subject model, tokenizers, data split, checkpoints, GPT-2 loading."""
 
+import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -260,6 +262,7 @@ def test_cli_pretrain_tiny_and_sample(tmp_path, dtype):
     (["--data", "empty.txt"], "empty"),
     (["--data", "latin1.txt"], "not UTF-8"),
     (["--sample", "--out_dir", "nowhere"], "no such checkpoint"),
+    (["--lr", "nan"], "--lr nan: use a number in (0, 1]"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("  \n")
@@ -268,3 +271,153 @@ def test_cli_bad_input(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A write failing with ENOSPC partway (the disk fills up): a UserError naming the disk,
+    no temporary file left, the previous checkpoint intact."""
+    path = str(tmp_path / "ckpt.pt")
+    gpt.save_checkpoint({"step": 1, "w": torch.arange(10)}, path)
+    real_open = open
+
+    class FillsUp:
+        """A file that takes 1000 bytes, then fails as a full disk does."""
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(gpt, "open", lambda p, mode="r": FillsUp(real_open(p, mode)), raising=False)
+    with pytest.raises(UserError, match=f"No space left on device.*disk holding {tmp_path}.*previous checkpoint"):
+        gpt.save_checkpoint({"step": 2, "w": torch.randn(10000)}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert gpt.load_checkpoint(path)["step"] == 1
+
+
+# --- flag rules: every flag of every command line (gpt.check_flags) -------------------------
+
+import bench  # noqa: E402  (the command lines whose flags these tests drive)
+import evals  # noqa: E402
+import train  # noqa: E402
+
+# name -> (its parser, its RULES, its parsing and checking of argv, as its main does)
+CLIS = {
+    "train": (train.build_parser, train.RULES, train.parse),
+    "evals": (evals.build_parser, evals.RULES,
+              lambda argv: gpt.parse_args(evals.build_parser(), evals.RULES, [gpt.DEFAULT_CKPT, *argv], ("path",))),
+    "gpt": (gpt.build_parser, gpt.RULES, gpt.parse),
+    "bench": (bench.build_parser, bench.RULES, lambda argv: gpt.parse_args(bench.build_parser(), bench.RULES, argv)),
+}
+
+
+def value_flags(cli):
+    """The options of a command line that take a value (not the switches)."""
+    return [a for a in CLIS[cli][0]()._actions if a.option_strings and a.nargs != 0]
+
+
+def test_every_flag_that_takes_a_value_has_a_rule():
+    for cli, (parser, rules, _) in CLIS.items():
+        for a in parser()._actions:
+            if a.nargs != 0 and a.choices is None:
+                assert a.dest in rules, f"{cli}: --{a.dest} has no rule in RULES"
+
+
+def test_the_defaults_pass_the_rules(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for cli, (_, _, parse) in CLIS.items():
+        parse([])
+    assert os.listdir(tmp_path) == []
+
+
+def bad_values(action, rule):
+    """A strategy of values that `action` (the rule's flag) must refuse."""
+    integer = action.type not in (float, str, None)  # int, or train's _int
+    junk = ["abc", "1,5", "0x", "nan", "inf", "-inf", "1e400"] + (["2.5", ""] if integer else [""])
+    if action.choices is not None or isinstance(rule, gpt.OneOf):
+        choices = action.choices if action.choices is not None else rule.choices
+        return st.text(min_size=1).filter(lambda t: t not in choices)
+    lo, hi = rule.lo, rule.hi
+    if integer:
+        out = st.integers(-10 ** 30, int(lo) - (0 if rule.open_lo else 1)) | st.integers(int(hi) + (0 if rule.open_hi else 1), 10 ** 30)
+    else:
+        out = st.floats(max_value=lo, exclude_max=not rule.open_lo) | st.floats(min_value=hi, exclude_min=not rule.open_hi)
+    return st.sampled_from(junk) | out.map(repr)
+
+
+def ruled(cli):
+    rules = CLIS[cli][1]
+    return [a for a in value_flags(cli) if a.choices is not None or isinstance(rules.get(a.dest), (gpt.Number, gpt.OneOf))]
+
+
+@pytest.fixture(scope="module")
+def empty_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cwd")
+
+
+@settings(deadline=None, max_examples=300)
+@given(data=st.data())
+def test_a_bad_value_of_any_flag_is_a_one_line_user_error_that_makes_nothing(data, empty_dir):
+    """Generated bad numbers (negative, zero, NaN, inf, huge, fractional for integers), bad
+    choices and junk for every numeric or choice flag of train.py, evals.py, gpt.py and
+    bench.py: refused by the parse-and-check that main runs first, with one line naming the
+    flag (run_cli prints it and exits 2), and no file or directory made."""
+    cli = data.draw(st.sampled_from(sorted(CLIS)))
+    action = data.draw(st.sampled_from(ruled(cli)))
+    value = data.draw(bad_values(action, CLIS[cli][1].get(action.dest)))
+    flag = action.option_strings[0]
+    with contextlib.chdir(empty_dir):
+        with pytest.raises(UserError) as e:
+            CLIS[cli][2]([f"{flag}={value}"])
+    assert os.listdir(empty_dir) == []
+    assert "\n" not in str(e.value) and flag in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("cli,argv,message", [
+    ("train", ["--data", "missing.txt"], "--data missing.txt: no such text file"),
+    ("train", ["--data", "a_dir"], "--data a_dir: is a directory"),
+    ("train", ["--model", "missing.pt"], "--model missing.pt: unknown model"),
+    ("train", ["--model", "a_dir"], "--model a_dir: is a directory"),
+    ("train", ["--model_path", "missing"], "--model_path missing: no such Hugging Face weights"),
+    ("train", ["--out_dir", "a_file"], "--out_dir a_file: a_file is a file, not a directory"),
+    ("train", ["--out_dir", "a_file/runs"], "--out_dir a_file/runs: a_file is a file"),
+    ("train", ["--cache", "a_file"], "--cache a_file: a_file is a file"),
+    ("train", ["--cache", "/proc/nope"], "--cache /proc/nope: cannot write in /proc"),
+    ("train", ["--run", "../x"], "--run ../x: use a name"),
+    ("train", ["--device", "cuda:7"], "--device cuda:7: no such CUDA device"),
+    ("train", ["--device", "gpu"], "--device gpu: not a torch device"),
+    ("evals", ["--data", "a_dir"], "--data a_dir: is a directory"),
+    ("evals", ["--export", "a_file"], "--export a_file: a_file is a file"),
+    ("evals", ["--model", "gpt7"], "--model gpt7: unknown model"),
+    ("evals", ["--skip", "probes"], "--skip probes: unknown section(s) probes"),
+    ("gpt", ["--out_dir", "/proc/x"], "--out_dir /proc/x: cannot write in /proc"),
+    ("gpt", ["--data", "missing.txt"], "--data missing.txt: no such text file"),
+    ("bench", ["--shapes", "1,2,3"], "--shapes 1,2,3: entry 1,2,3 is not d_model,n_latents,k,batch"),
+    ("bench", ["--shapes", "64,128,4,32", "8,4,5,2"], "entry 8,4,5,2 needs every value >= 1 and k <= n_latents"),
+])
+def test_bad_paths_are_one_line_user_errors_that_make_nothing(cli, argv, message, tmp_path, monkeypatch):
+    """Missing, a directory where a file is expected and the reverse, unwritable."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(UserError) as e:
+        CLIS[cli][2](argv)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["a_dir", "a_file"] and os.listdir(tmp_path / "a_dir") == []
+
+
+def test_evals_refuses_a_missing_checkpoint_path(tmp_path):
+    with pytest.raises(UserError, match="path .*nope.pt: no such checkpoint"):
+        gpt.parse_args(evals.build_parser(), evals.RULES, [str(tmp_path / "nope.pt")], ("path",))

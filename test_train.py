@@ -1,10 +1,12 @@
 """Tests for train.py: end-to-end runs on a tiny subject model, the activation stream and cache,
 the checkpoint, and command-line errors."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -109,8 +111,10 @@ def run_train(*args, cwd):
     (["--model", "gpt7"], "unknown model"),
     (["--data", "nope.txt"], "no such text file"),
     (["--ctx_len", "999"], "--ctx_len 999 is longer"),
-    (["--k", "0"], "--k 0 is out of range"),
-    (["--n_latents", "0"], "--n_latents must be positive"),
+    (["--k", "0"], "--k 0: use a number in [1, "),
+    (["--n_latents", "0"], "--n_latents 0: use a number in [1, "),
+    (["--lr", "-1"], "--lr -1.0: use a number in [0, 1]"),  # before, a traceback from inside Adam
+    (["--cache", "/proc/nope"], "--cache /proc/nope: cannot write in /proc"),
     (["--data", "empty.txt"], "empty.txt: the file is empty"),
     (["--data", "latin1.txt"], "latin1.txt: not UTF-8"),
     (["--run", "exists"], "already exists"),
@@ -125,6 +129,7 @@ def test_cli_bad_input(tiny_gpt_ckpt, tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path / "out") == ["exists"]  # a failed start leaves nothing behind
 
 
 def test_cli_help_explains_every_flag():
@@ -311,3 +316,143 @@ def test_shard_and_batch_flags(tiny_gpt_ckpt, tmp_path):
         assert torch.equal(both.batch(step), torch.cat([p.batch(step) for p in parts]))
     assert not torch.equal(parts[0].batch(0), parts[1].batch(0))
     assert sorted(os.listdir(c.cache)) == ["shard0of2", "shard1of2"]
+
+
+# --- one writer per run, nothing left by a failed start, caches and disks that fail ---------
+
+SMALL_RUN = ["--n_latents", "64", "--k", "4", "--tokens", "2048", "--batch_size", "512", "--ctx_len", "32",
+             "--shuffle_tokens", "2048", "--eval_tokens", "512"]
+
+# claims OUT_DIR/RUN as train.main does (argv: run_dir, resume 0/1), then dies by SIGKILL
+KILLED_CLAIM = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import train
+train.claim_run_dir(sys.argv[1], sys.argv[2] == "1", False)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_nothing(tiny_gpt_ckpt, tmp_path, monkeypatch):
+    """Fails at step 1 (non-finite activations): no run directory, and no out_dir it made for
+    it; the same command, the fault gone, then runs without --overwrite."""
+    orig = train.ActivationStream.batch
+    monkeypatch.setattr(train.ActivationStream, "batch", lambda self, step: orig(self, step) * float("nan"))
+    args = ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path / "out" / "sweep"), "--run", "r", *SMALL_RUN]
+    with pytest.raises(gpt.UserError, match="non-finite activations at step 0"):
+        train.main(args)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(train.ActivationStream, "batch", orig)
+    assert train.main(args)["step"] == 4
+
+
+def test_a_killed_start_or_run_leaves_a_lock_that_blocks_nothing(tiny_gpt_ckpt, tiny_sae_ckpt, tmp_path):
+    """A process killed holding a run's lock (SIGKILL: no cleanup runs) leaves the lock file;
+    the OS has dropped the lock. A killed start (no checkpoint) is rerun without --overwrite;
+    a killed run with a checkpoint is resumed."""
+    for run, resume in (("started", "0"), ("resumable", "1")):
+        run_dir = tmp_path / run
+        if resume == "1":
+            run_dir.mkdir()
+            (run_dir / "ckpt.pt").write_bytes(open(tiny_sae_ckpt, "rb").read())  # a finished tiny run
+        r = subprocess.run([sys.executable, "-c", KILLED_CLAIM.format(here=HERE), str(run_dir), resume],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == -9 and os.path.exists(run_dir / train.LOCK), r.stderr[-2000:]
+    ck = train.main(["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--run", "started", *SMALL_RUN])
+    assert ck["step"] == 4
+    ck = train.main(["--out_dir", str(tmp_path), "--run", "resumable", "--resume"])
+    assert ck["step"] == torch.load(tiny_sae_ckpt, weights_only=True)["step"]
+
+
+def test_a_run_in_use_is_refused_to_a_second_writer(tiny_sae_ckpt, tmp_path):
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_bytes(open(tiny_sae_ckpt, "rb").read())
+    lock, _ = train.lock_file(str(run_dir / train.LOCK))  # another train.py, as far as the OS can tell
+    try:
+        for extra in (["--resume"], ["--overwrite"], []):
+            with pytest.raises(gpt.UserError, match=f"busy is in use by another train.py \\(pid {os.getpid()}\\)"):
+                train.main(["--out_dir", str(tmp_path), "--run", "busy", *extra])
+    finally:
+        lock.close()
+    assert sorted(os.listdir(run_dir)) == [train.LOCK, "ckpt.pt"]  # and it was left alone
+
+
+def test_two_trainers_started_on_one_run_exactly_one_trains(tiny_gpt_ckpt, tmp_path):
+    args = [sys.executable, os.path.join(HERE, "train.py"), "--model", tiny_gpt_ckpt, "--run", "r", *RUN]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    refusal = next(err for rc, err in results if rc == 2).strip()
+    # refused while the other trains, or after it has finished
+    assert "\n" not in refusal and ("is in use by another train.py" in refusal or "already exists" in refusal)
+    assert torch.load(tmp_path / "out" / "r" / "ckpt.pt", weights_only=True)["step"] == 40
+
+
+def test_a_truncated_or_overwritten_cache_is_refused_with_the_fix(tiny_gpt_ckpt, tmp_path):
+    c = train.TrainConfig(model=tiny_gpt_ckpt, ctx_len=32, tokens=5000, batch_size=256, shuffle_tokens=1024,
+                          device="cpu", cache=str(tmp_path / "cache")).resolve()
+    model, _, train_ids, _, subject = train.load_subject(c)
+    good = train.ActivationStream(c, model, train_ids, subject)  # writes 5 chunks of 1024 rows
+    data = tmp_path / "cache" / "acts.f32"
+    whole = data.read_bytes()
+    fix = "delete .*cache.* or pass another --cache"
+    with open(data, "r+b") as f:  # truncated after it was opened: the next chunk read is short
+        f.truncate(len(whole) - 100)
+    with pytest.raises(gpt.UserError, match=f"chunk 4 of acts.f32 is cut short.*{fix}"):
+        good.batch(19)
+    with pytest.raises(gpt.UserError, match=f"acts.f32 is truncated .*{fix}"):  # found at open
+        train.ActivationStream(c, model, train_ids, subject)
+    data.write_bytes(whole[:2 * good.chunk_bytes + 8] + b"\0" * 4 + whole[2 * good.chunk_bytes + 12:])
+    stream = train.ActivationStream(c, model, train_ids, subject)
+    assert torch.equal(stream.batch(0), good.batch(0))
+    with pytest.raises(gpt.UserError, match=f"chunk 2 of acts.f32 does not match its checksum.*{fix}"):
+        stream.batch(8)  # chunk 2: steps 8-11
+    data.write_bytes(whole)
+    assert torch.equal(train.ActivationStream(c, model, train_ids, subject).batch(8), good.batch(8))
+
+
+def test_a_cache_half_written_is_finished_not_read_and_a_writer_is_waited_for(tiny_gpt_ckpt, tmp_path, capsys):
+    """A cache whose writer died after 2 of 5 chunks is completed by the next run; while another
+    process holds the cache's lock (it is writing), a reader waits rather than read it."""
+    c = train.TrainConfig(model=tiny_gpt_ckpt, ctx_len=32, tokens=5000, batch_size=256, shuffle_tokens=1024,
+                          device="cpu").resolve()
+    model, _, train_ids, _, subject = train.load_subject(c)
+    live = train.ActivationStream(c, model, train_ids, subject)
+    c.cache = str(tmp_path / "cache")
+    train.ActivationStream(c, model, train_ids, subject)
+    meta_path = tmp_path / "cache" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "chunks_done": 2, "crc32": meta["crc32"][:2]}))
+    lock, _ = train.lock_file(str(tmp_path / "cache" / ".lock"))
+    opened = []
+    reader = threading.Thread(target=lambda: opened.append(train.ActivationStream(c, model, train_ids, subject)))
+    reader.start()
+    reader.join(timeout=1.0)
+    assert reader.is_alive() and not opened  # waiting on the writer
+    lock.close()
+    reader.join(timeout=60)
+    assert f"waiting for process {os.getpid()}, which is writing the activation cache" in capsys.readouterr().out
+    assert json.loads(meta_path.read_text()) == meta  # chunks 2-4 rewritten, the same
+    assert all(torch.equal(opened[0].batch(s), live.batch(s)) for s in (0, 8, 19))
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tiny_gpt_ckpt, tmp_path, monkeypatch):
+    """The second checkpoint write fails with ENOSPC: the run stops with the disk named, the
+    step-4 checkpoint loads, and --resume continues from it."""
+    real_save, writes = torch.save, [0]
+
+    def save(obj, f, *a, **k):
+        writes[0] += 1
+        if writes[0] == 2:
+            f.write(b"part of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    args = ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--run", "full", *RUN, "--tokens", "6144"]
+    with pytest.raises(gpt.UserError, match=f"No space left on device.*disk holding {tmp_path / 'full'}.*--resume"):
+        train.main(args)
+    assert sorted(os.listdir(tmp_path / "full")) == [train.LOCK, "ckpt.pt", "log.jsonl"]
+    assert gpt.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"))["step"] == 4
+    assert train.main(args + ["--resume"])["step"] == 12

@@ -12,11 +12,13 @@ the weights and dead-latent tracking for AuxK -> out/<run>/ckpt.pt and log.jsonl
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -85,7 +87,7 @@ class TrainConfig:
                        "run with the same --shards gives the same batches on any number of processes; "
                        "0 means one per process")
     # bookkeeping
-    cache: str = flag("", "directory for an on-disk activation cache (numpy memmap): written once, then "
+    cache: str = flag("", "directory for an on-disk activation cache (float32, a checksum per chunk): written once, then "
                       "read by later runs")
     out_dir: str = flag("out", "parent directory of run directories")
     run: str = flag("", "run name: writes OUT_DIR/RUN/ckpt.pt and log.jsonl; default from activation, n, k")
@@ -127,19 +129,43 @@ class TrainConfig:
 HELP = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 
 
+def check_run_name(run):
+    parts = run.replace(os.sep, "/").split("/")
+    if os.path.isabs(run) or any(p in ("", ".", "..") for p in parts):
+        return "use a name (or sub/name) inside --out_dir: no leading /, no . or .. parts, no empty parts"
+    return None
+
+
+# What each flag accepts, checked by check_config before anything is loaded or created
+# (gpt.check_flags; "" means the default, chosen by resolve). Bounds past any sensible run
+# are there to catch typos (1e30 tokens) before they become allocation failures.
+RULES = {
+    "model": gpt.Model(), "model_path": gpt.InputFile("Hugging Face weights", dirs_too=True),
+    "data": gpt.InputFile("text file"), "layer": gpt.Number(-1, 10_000, note="-1: 2/3 of the depth"),
+    "ctx_len": gpt.Number(1, 1 << 20),
+    "n_latents": gpt.Number(1, 1 << 24),  # the paper's largest SAE: 16M latents
+    "k": gpt.Number(1, 1 << 24), "k_aux": gpt.Number(0, 1 << 24, note="0: sae.py's default"),
+    "auxk_coef": gpt.Number(0, 1e3), "activation": gpt.OneOf(("topk", "relu")), "l1_coef": gpt.Number(0, 1e6),
+    "tokens": gpt.Number(1, 10 ** 13), "batch_size": gpt.Number(2, 1 << 24),
+    "lr": gpt.Number(0, 1, note="0: 2e-4 / sqrt(n_latents / 2^14)"),
+    "lr_warmup": gpt.Number(0, 1, note="a share of the steps"), "lr_decay": gpt.Number(0, 1, note="a share of the steps"),
+    "ema_decay": gpt.Number(0, 1, open_hi=True), "grad_clip": gpt.Number(0, 1e6, note="0: off"),
+    "dead_tokens": gpt.Number(0, 10 ** 13, note="0: min(10M, tokens / 4)"), "shuffle_tokens": gpt.Number(1, 1 << 30),
+    "seed": gpt.SEED, "shards": gpt.Number(0, 1 << 16, note="0: one per process"),
+    "cache": gpt.OutputDir(), "out_dir": gpt.OutputDir(), "run": check_run_name,
+    "device": gpt.check_device, "dtype": gpt.OneOf(("float32", "bfloat16", "float16")),
+    "log_every": gpt.Number(1, 10 ** 9), "ckpt_every": gpt.Number(0, 10 ** 13, note="0: a tenth of the run"),
+    "eval_tokens": gpt.Number(1, 1 << 24),
+}
+
+
 def check_config(c):
-    """One-line errors naming the flag and the fix."""
-    for name in ("n_latents", "tokens", "batch_size", "ctx_len"):
-        if getattr(c, name) < 1:
-            raise UserError(f"--{name} must be positive, got {getattr(c, name)}")
+    """One-line errors naming the flag and the fix: each flag's RULES, then what flags need of each other."""
+    gpt.check_flags(c, RULES)
     if c.activation == "topk" and not 1 <= c.k <= c.n_latents:
         raise UserError(f"--k {c.k} is out of range: need 1 <= k <= n_latents ({c.n_latents})")
-    if c.activation not in ("topk", "relu"):
-        raise UserError(f"--activation {c.activation!r}: use topk or relu")
     if c.ctx_len < 2 and not c.include_first:
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
-    if c.dtype not in ("", "float32", "bfloat16", "float16"):  # "": the device's default
-        raise UserError(f"--dtype {c.dtype!r}: use float32, bfloat16 or float16")
     shards, world = c.shards or world_size(), world_size()
     if c.shards < 0 or shards % world:
         raise UserError(f"--shards {c.shards}: use a multiple of the number of processes ({world}), or 0 for one each")
@@ -154,9 +180,6 @@ def check_config(c):
 
 def load_subject(c):
     """(model, tokenizer, train token ids, held-out token ids, reference dict)."""
-    if c.model == gpt.DEFAULT_CKPT and not os.path.isfile(c.model):
-        raise UserError(f"the shipped subject model {c.model} is missing: restore it (git checkout data/gpt.pt), "
-                        f"or train one with `python gpt.py` and pass --model out/gpt/ckpt.pt")
     model, tok, ref = gpt.load_subject_model(c.model, c.model_path or None)
     if c.layer == -1:
         c.layer = model.config.n_layer * 2 // 3  # the paper's layer 8 of GPT-2 small's 12
@@ -200,8 +223,9 @@ class ActivationStream:
     mixes thousands of contexts. Shard 0 keeps the seeds of the unsharded stream, so
     --shards 1 gives the batches (and reads the caches) it always did. Everything is a pure
     function of (seed, step): resuming at any step is exact, and a `--cache` directory, which
-    stores the chunks' rows unshuffled in a numpy memmap (one subdirectory per shard when
-    there are several), gives the same batches as generating them on the fly."""
+    stores the chunks' rows unshuffled in acts.f32 and a CRC32 of each in meta.json (one
+    subdirectory per shard when there are several), gives the same batches as generating them
+    on the fly."""
 
     def __init__(self, c, model, train_ids, subject, shards=None):
         self.c, self.model, self.ids, self.subject, self.d = c, model, train_ids, subject, subject["d_model"]
@@ -210,6 +234,7 @@ class ActivationStream:
         self.chunk_tokens = max(1, c.shuffle_tokens // c.batch_size) * self.shard_batch
         self.n_chunks = math.ceil(c.tokens / (self.chunk_tokens * c.shards))
         self.per_ctx = c.ctx_len - (0 if c.include_first else 1)
+        self.chunk_bytes = self.chunk_tokens * self.d * 4  # float32 rows in the cache
         self.cache = {r: self._open_cache(r) for r in self.shards} if c.cache else None
         self._chunk_index, self._chunk = -1, None
 
@@ -226,6 +251,9 @@ class ActivationStream:
         return acts[: self.chunk_tokens].cpu()
 
     def _open_cache(self, shard):
+        """The cache of `shard`, {dir, CRC32 of each chunk}, its missing chunks written first.
+        One process writes a cache directory at a time (an OS file lock, which dies with its
+        holder); another waits for it rather than read or write chunks half-done."""
         meta = {"model_sha256": self.subject["sha256"], "layer": self.c.layer, "ctx_len": self.c.ctx_len,
                 "include_first": self.c.include_first, "seed": self.c.seed, "chunk_tokens": self.chunk_tokens,
                 "d_model": self.d}
@@ -233,36 +261,80 @@ class ActivationStream:
         if self.c.shards > 1:  # each rank writes only its own shards' directories
             cache = os.path.join(cache, f"shard{shard}of{self.c.shards}")
             meta["shard"] = f"{shard} of {self.c.shards}"
-        os.makedirs(cache, exist_ok=True)
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--cache {cache}: cannot create it ({e.strerror}); pass a writable directory") from None
+        lock, holder = lock_file(os.path.join(cache, ".lock"))
+        if lock is None:
+            print(f"waiting for process {holder}, which is writing the activation cache {cache}")
+            lock, _ = lock_file(os.path.join(cache, ".lock"), wait=True)
+        with lock:
+            old = self._cache_meta(cache, meta)
+            sums = old["crc32"] if old else []
+            if len(sums) < self.n_chunks:
+                self._write_cache(cache, meta, sums, shard)
+        return {"dir": cache, "crc32": sums}
+
+    def _cache_meta(self, cache, meta):
+        """The cache's meta.json, checked against this run's setup and acts.f32's size; None if new."""
         meta_path, data_path = os.path.join(cache, "meta.json"), os.path.join(cache, "acts.f32")
-        old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
-        if old is not None:
-            if {k: old.get(k) for k in meta} != meta:
-                diff = [k for k in meta if old.get(k) != meta[k]]
-                raise UserError(f"--cache {cache} was built for a different setup ({', '.join(diff)} differ): "
-                                f"use another directory or delete it")
-            if old["chunks_done"] >= self.n_chunks:
-                return np.memmap(data_path, dtype=np.float32, mode="r", shape=(old["chunks_done"] * self.chunk_tokens, self.d))
-        done = old["chunks_done"] if old else 0
-        print(f"writing activation cache {cache}: {self.n_chunks * self.chunk_tokens:,} tokens "
-              f"({self.n_chunks * self.chunk_tokens * self.d * 4 / 2**30:.2f} GiB)")
-        mm = np.memmap(data_path, dtype=np.float32, mode="r+" if done else "w+",
-                       shape=(self.n_chunks * self.chunk_tokens, self.d))
+        if not os.path.isfile(meta_path):
+            return None
+        fix = f"delete {cache} (it is rebuilt) or pass another --cache"
+        try:
+            old = json.load(open(meta_path))
+        except (ValueError, OSError):
+            raise UserError(f"--cache {cache}: meta.json is unreadable; {fix}") from None
+        diff = [k for k in meta if old.get(k) != meta[k]]
+        if diff:
+            raise UserError(f"--cache {cache} was built for a different setup ({', '.join(diff)} differ): "
+                            f"use another directory or delete it")
+        if len(old.get("crc32", ())) != old.get("chunks_done"):
+            raise UserError(f"--cache {cache} has no chunk checksums (written by an older train.py); {fix}")
+        size = os.path.getsize(data_path) if os.path.isfile(data_path) else 0
+        if size < old["chunks_done"] * self.chunk_bytes:
+            raise UserError(f"--cache {cache}: acts.f32 is truncated ({size:,} bytes, meta.json records "
+                            f"{old['chunks_done'] * self.chunk_bytes:,}); {fix}")
+        return old
+
+    def _write_cache(self, cache, meta, sums, shard):
+        """Write the chunks after the len(sums) done, each flushed to disk before meta.json
+        (replaced atomically) records it and its CRC32: the meta names only whole chunks."""
         from tqdm import tqdm
-        for chunk in tqdm(range(done, self.n_chunks), desc="cache", unit="chunk"):
-            mm[chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens] = self._generate(chunk, shard).numpy()
-            mm.flush()
-            meta["chunks_done"] = chunk + 1
-            with open(meta_path + ".tmp", "w") as f:
-                json.dump(meta, f)
-            os.replace(meta_path + ".tmp", meta_path)  # the meta names only chunks fully written
-        return np.memmap(data_path, dtype=np.float32, mode="r", shape=(self.n_chunks * self.chunk_tokens, self.d))
+        meta_path, data_path = os.path.join(cache, "meta.json"), os.path.join(cache, "acts.f32")
+        print(f"writing activation cache {cache}: {self.n_chunks * self.chunk_tokens:,} tokens "
+              f"({self.n_chunks * self.chunk_bytes / 2**30:.2f} GiB)")
+        try:
+            with open(data_path, "r+b" if sums else "wb") as f:
+                for chunk in tqdm(range(len(sums), self.n_chunks), desc="cache", unit="chunk"):
+                    data = self._generate(chunk, shard).numpy().tobytes()
+                    f.seek(chunk * self.chunk_bytes)
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    sums.append(zlib.crc32(data))
+                    with open(meta_path + ".tmp", "w") as m:
+                        json.dump({**meta, "chunks_done": len(sums), "crc32": sums}, m)
+                    os.replace(meta_path + ".tmp", meta_path)
+        except OSError as e:
+            raise UserError(f"--cache {cache}: cannot write it ({e.strerror}); free space on that disk or pass "
+                            f"another --cache") from None
+
+    def _read_cached(self, chunk, shard):
+        """Chunk `chunk` of the shard's cache, refused unless all of it is there with its CRC32."""
+        cache, buf = self.cache[shard], bytearray(self.chunk_bytes)
+        with open(os.path.join(cache["dir"], "acts.f32"), "rb") as f:
+            f.seek(chunk * self.chunk_bytes)
+            got = f.readinto(buf)
+        if got < len(buf) or zlib.crc32(buf) != cache["crc32"][chunk]:
+            what = "is cut short" if got < len(buf) else "does not match its checksum"
+            raise UserError(f"--cache {cache['dir']}: chunk {chunk} of acts.f32 {what} (the file was truncated or "
+                            f"overwritten); delete {cache['dir']} (it is rebuilt) or pass another --cache")
+        return torch.from_numpy(np.frombuffer(buf, dtype=np.float32).reshape(self.chunk_tokens, self.d))
 
     def _load_chunk(self, chunk, shard):
-        if self.cache is not None:
-            rows = torch.from_numpy(np.array(self.cache[shard][chunk * self.chunk_tokens:(chunk + 1) * self.chunk_tokens]))
-        else:
-            rows = self._generate(chunk, shard)
+        rows = self._read_cached(chunk, shard) if self.cache is not None else self._generate(chunk, shard)
         perm = torch.randperm(self.chunk_tokens, generator=torch.Generator().manual_seed(self._seed(7919, chunk, shard)))
         return rows[perm]
 
@@ -486,7 +558,7 @@ def start_run(c, resume):
     per_rank = c.shards // ranks
     stream = ActivationStream(c, model, train_ids, subject, shards=range(rank * per_rank, (rank + 1) * per_rank))
     sae = make_sae(c, subject["d_model"]).to(c.device)
-    os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
+    os.makedirs(run_dir, exist_ok=True)  # main has claimed it (claim_run_dir); this is for direct callers
     opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=6.25e-10,  # [code]
                            fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
     run = Run(c, model, subject, val_ids, stream, sae, sae, opt, None,
@@ -657,10 +729,77 @@ def load_sae(path, ema=True):
 
 
 # -----------------------------------------------------------------------------
+# The run directory: one writer at a time, nothing left by a start that fails
+
+LOCK = ".lock"  # in the run directory, held by the one train.py writing it; holds its pid
+
+
+def lock_file(path, wait=False):
+    """An exclusive flock on `path` (created if missing) -> (the open file, which holds it until
+    closed, None), or (None, the holder's pid) when another process holds it and not wait.
+    The OS drops the lock when its holder dies, killed or not: a stale lock blocks nobody."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return None, holder
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f, None
+
+
+def claim_run_dir(run_dir, resume, overwrite):
+    """Make run_dir this process's -> (its held lock file, the directories made for it, deepest
+    first). Refused while another train.py holds the lock. A new run empties the directory if
+    --overwrite asks to, or if a start that failed left it (a lock file and no checkpoint); any
+    other existing directory is refused, as is a --resume without a checkpoint (resumed_config)."""
+    made, top = [], run_dir
+    while top and not os.path.exists(top):
+        made.append(top)
+        top = os.path.dirname(top)
+    lock_path, ckpt = os.path.join(run_dir, LOCK), os.path.join(run_dir, "ckpt.pt")
+    exists = UserError(f"{run_dir} already exists: pass --run NAME for a new run, --resume to continue it, "
+                       f"or --overwrite to replace it")
+    if not (made or resume or overwrite or os.path.exists(lock_path)):
+        raise exists  # a directory no train.py made: nothing here is ours to empty
+    os.makedirs(run_dir, exist_ok=True)
+    lock, holder = lock_file(lock_path)
+    if lock is None:
+        raise UserError(f"{run_dir} is in use by another train.py (pid {holder}): wait for it to end"
+                        + ("" if resume else ", or pass --run NAME for a new run"))
+    if not resume:
+        if os.path.exists(ckpt) and not overwrite:
+            lock.close()
+            raise exists
+        for name in set(os.listdir(run_dir)) - {LOCK}:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    return lock, made
+
+
+def discard_failed_start(run_dir, made):
+    """After a new run failed: if it wrote no checkpoint, remove its directory and the parents
+    made for it (those left empty), so that the same command, corrected, simply runs."""
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for d in made[1:]:
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a TopK sparse autoencoder on a GPT's residual stream.")
+    p = gpt.ArgumentParser(description="Train a TopK sparse autoencoder on a GPT's residual stream.")
     for f in fields(TrainConfig):
         if f.name == "auxk":
             p.add_argument("--no_auxk", dest="auxk", action="store_false", help=f.metadata["help"])
@@ -677,37 +816,64 @@ def build_parser():
 
 
 def _int(s):
-    """Integer flags also accept 4_000_000 and 4e6."""
-    return int(float(s.replace("_", "")))
+    """Integer flags also accept 4_000_000 and 4e6, not 2.5, nan or 1e400."""
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s.replace("_", ""))
+    except ValueError:
+        f = math.nan
+    if not (math.isfinite(f) and f == int(f)):
+        raise argparse.ArgumentTypeError(f"invalid integer value: {s!r}")
+    return int(f)
 
 
-def main(argv=None):
+def parse(argv=None):
+    """-> (the flags, the resolved TrainConfig), every value checked (RULES, check_config)
+    before anything is loaded or created."""
     args = build_parser().parse_args(argv)
     c = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     check_config(c)
-    run_dir = os.path.join(c.out_dir, c.resolve().run)
+    return args, c.resolve()
+
+
+def resumed_config(c):
+    """The configuration c's run was started with, which a resumed run continues with, in the
+    directory it is found in now."""
+    ck_path = os.path.join(c.out_dir, c.run, "ckpt.pt")
+    if not os.path.isfile(ck_path):
+        raise UserError(f"--resume: {ck_path} does not exist; start the run without --resume")
+    saved = gpt.load_checkpoint(ck_path)["train_config"]
+    saved.setdefault("shards", 1)  # runs from before data shards read one
+    saved.update(out_dir=c.out_dir, run=c.run)
+    return TrainConfig(**{f.name: saved.get(f.name, f.default) for f in fields(TrainConfig)})
+
+
+def main(argv=None):
+    args, c = parse(argv)
     if args.resume:
-        # the run continues with the configuration it was started with
-        ck_path = os.path.join(run_dir, "ckpt.pt")
-        if not os.path.isfile(ck_path):
-            raise UserError(f"--resume: {ck_path} does not exist; start the run without --resume")
-        saved = gpt.load_checkpoint(ck_path)["train_config"]
-        saved.setdefault("shards", 1)  # runs from before data shards read one
-        c = TrainConfig(**{f.name: saved.get(f.name, f.default) for f in fields(TrainConfig)})
-    elif os.path.exists(run_dir):
-        if not args.overwrite:
-            raise UserError(f"{run_dir} already exists: pass --run NAME for a new run, --resume to continue it, "
-                            f"or --overwrite to replace it")
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank clears it
-            shutil.rmtree(run_dir)
+        c = resumed_config(c)
     check_config(c)
-    if world_size() == 1:
-        return train(c, resume=args.resume)
-    setup_distributed(c)
+    run_dir = os.path.join(c.out_dir, c.run)
+    # under torchrun rank 0 alone claims the run directory: the other ranks never write in it
+    claim = claim_run_dir(run_dir, args.resume, args.overwrite) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        return train(c, resume=args.resume)
+        if world_size() == 1:
+            return train(c, resume=args.resume)
+        setup_distributed(c)
+        try:
+            return train(c, resume=args.resume)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        if claim and not args.resume:
+            discard_failed_start(run_dir, claim[1])
+        raise
     finally:
-        dist.destroy_process_group()
+        if claim:
+            claim[0].close()
 
 
 if __name__ == "__main__":
