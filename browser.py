@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import evals
+import explanations
 from gpt import UserError
 
 N_TOP = 12          # top-activating contexts per latent
@@ -34,7 +35,7 @@ PROMPT_TOP = 3      # latents per token in the prompt view
 def firings(sae, data):
     """Every firing of the SAE code over the evaluated tokens -> (latent, row, value) numpy
     (F,) each, sorted by latent, then by value descending."""
-    vals, idx = (t.cpu() for t in data.code(evals.own_k(sae)))
+    vals, idx = (t.cpu() for t in data.code(explanations.own_k(sae)))
     m = vals > 0
     lat, row, val = idx[m].numpy(), m.nonzero()[:, 0].numpy(), vals[m].double().numpy()
     order = np.lexsort((-val, lat))
@@ -122,7 +123,7 @@ def prompt_view(model, sae, tok, layer, text, include_first):
     if not ids:
         raise UserError("--text is empty: give the prompt to show, e.g. --text 'To be, or not to be'")
     h = model.resid(torch.tensor([ids], device=sae.b_pre.device), layer)[0].float()
-    vals, idx = evals.encode_sorted(sae, sae.normalize_input(h)[0], evals.own_k(sae) or 1)[:2]
+    vals, idx = evals.encode_sorted(sae, sae.normalize_input(h)[0], explanations.own_k(sae) or 1)[:2]
     view = []
     for p, i in enumerate(ids):
         top = None if p == 0 and not include_first else [(int(l), float(v)) for v, l in

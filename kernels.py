@@ -56,7 +56,7 @@ def row_chunks(m):
 
 # The AuxK code is a dense block over the dead latents while there are at most this many
 # times k_aux of them: every token then picks a large share of them, and dense matmuls beat
-# per-entry gathers (the measured break-even: README, Performance).
+# per-entry gathers (README, Performance, has the break-even).
 _AUXK_BLOCK_RATIO = 12
 
 

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import evals
+import explanations
 import gpt
 import train
 from gpt import GPT, GPTConfig, UserError
@@ -250,9 +251,9 @@ def examples_from(fn, docs):
 ])
 def test_n2g_matches_explanations_py(fn, docs, cases):
     """The known answers of openai/sparse_autoencoder explanations.py's own checks."""
-    trie = evals.n2g_build(last_act(fn), examples_from(fn, docs), PAD)[0]
+    trie = explanations.n2g_build(last_act(fn), examples_from(fn, docs), PAD)[0]
     for tokens, want in cases:
-        assert evals.n2g_predict(trie, tokens) == want
+        assert explanations.n2g_predict(trie, tokens) == want
 
 
 def heldout_chars():
@@ -273,23 +274,23 @@ def test_n2g_bigram_and_wildcard_on_heldout_text(rule, want):
     ctx, pad = 32, tok.stoi[" "]
     windows = [build[s:s + ctx] for s in range(0, len(build) - ctx, ctx)]
     examples = [(7, w[:i + 1], 1.0) for w in windows for i, a in enumerate(fires(w)) if a and i >= 1][:16]
-    tries = evals.n2g_build(last_act(fires), examples, pad, min_len=2, max_len=64)
-    pats = evals.n2g_patterns(tries[7])
-    assert [evals.render_pattern(tok, p, anchored) for p, anchored, _ in pats] == [want]
+    tries = explanations.n2g_build(last_act(fires), examples, pad, min_len=2, max_len=64)
+    pats = explanations.n2g_patterns(tries[7])
+    assert [explanations.render_pattern(tok, p, anchored) for p, anchored, _ in pats] == [want]
     pred, actual = [], []
     for s in range(0, 20000, ctx):
         w = score[s:s + ctx]
-        pred += [p > 0 for p in evals.n2g_predict(tries[7], w)[1:]]
+        pred += [p > 0 for p in explanations.n2g_predict(tries[7], w)[1:]]
         actual += [a > 0 for a in fires(w)[1:]]
     pred, actual = np.array(pred), np.array(actual)
     assert actual.sum() > 20
-    assert evals.prf(pred, actual) == (1.0, 1.0, 1.0)
+    assert explanations.prf(pred, actual) == (1.0, 1.0, 1.0)
 
 
 def test_prf():
     p, a = np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 1], bool)
-    assert evals.prf(p, a) == pytest.approx((0.5, 1 / 3, 0.4))
-    assert evals.prf(np.zeros(4, bool), a) == (0.0, 0.0, 0.0)
+    assert explanations.prf(p, a) == pytest.approx((0.5, 1 / 3, 0.4))
+    assert explanations.prf(np.zeros(4, bool), a) == (0.0, 0.0, 0.0)
 
 
 # ---- 6. ablation sparsity -----------------------------------------------------------
