@@ -543,7 +543,7 @@ class Run:
 def start_run(c, resume):
     """The subject model, the activation stream, the SAE initialized as the paper does (or
     restored from the run's checkpoint), Adam and the EMA -> Run. Under torchrun every rank
-    calls this; rank 0 loads the subject model first (it may pretrain or download it)."""
+    calls this; rank 0 loads the subject model first (it may download it)."""
     torch.manual_seed(c.seed)
     if c.device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast
