@@ -488,3 +488,162 @@ def _kept(scratch, key, like, shape, dtype):
     if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
         scratch[key] = buf = like.new_empty(shape, dtype=dtype)
     return buf
+
+
+# ---- latent sharding (train.py --latent_shards): the TopK and the decoder across shards ----
+#
+# Each of M processes of a latent group holds n / M consecutive rows of W_enc, b_enc, W_dec
+# (shard s: global latents s * n / M onwards). The TopK is exact: every global winner is in its
+# own shard's local top k, so the top k of the M * k gathered candidates is the full SAE's.
+# [code] (sharded_topk) instead keeps k * capacity_factor // M candidates a shard (4 for the main
+# code, 2 for AuxK), gathers only the values and keeps local entries at or above the global k-th:
+# approximate whenever one shard holds more winners than that, and the code then has more or
+# fewer than k entries. Here a shard decodes its own winners; the partial (B, d) reconstructions
+# are summed by one all-reduce.
+
+
+class Shard:
+    """Where a process sits in its latent group: index (0..count-1) of count shards, its
+    global latents lo..lo + rows - 1, and the torch.distributed group of the count processes."""
+
+    def __init__(self, index, count, lo, rows, group):
+        self.index, self.count, self.lo, self.rows, self.group = index, count, lo, rows, group
+
+
+def merge_topk(vals, ids, k):
+    """Candidates vals (B, C) with global latent ids (B, C) -> the top k of each row, sorted
+    descending: values (B, k), ids (B, k) and positions (B, k) into C. Among equal values the
+    lower id comes first, so the result does not depend on the candidates' order. (torch.topk
+    has no such rule: the single-process path's tied latents come in its implementation's
+    order; with distinct values both give the same latents.)"""
+    order = ids.argsort(dim=1, stable=True)  # (B, C): candidates by id
+    top = vals.gather(1, order).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    pos = order.gather(1, top)
+    return vals.gather(1, pos), ids.gather(1, pos), pos
+
+
+def _gather_merge(vals, ids, k, width, shard):
+    """This shard's candidates vals, ids (B, K), K <= width, ids global -> the group's top k
+    (merge_topk of all shards' candidates: values and ids (B, k)) and each local candidate's
+    rank in it (B, K), -1 when it is not among the top k. Padded to width with -inf so that
+    every shard sends the same shape; the pads' id n_total sorts them after any latent."""
+    B, K = vals.shape
+    pad = width - K
+    if pad:
+        vals = torch.cat([vals, vals.new_full((B, pad), float("-inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((B, pad), shard.count * shard.rows)], 1)
+    all_vals = [torch.empty_like(vals) for _ in range(shard.count)]
+    all_ids = [torch.empty_like(ids) for _ in range(shard.count)]
+    torch.distributed.all_gather(all_vals, vals.contiguous(), group=shard.group)
+    torch.distributed.all_gather(all_ids, ids.contiguous(), group=shard.group)
+    top_vals, top_ids, pos = merge_topk(torch.cat(all_vals, 1), torch.cat(all_ids, 1), k)  # of (B, M * width)
+    rank = candidate_ranks(pos, shard.count * width)
+    return top_vals, top_ids, rank[:, shard.index * width:shard.index * width + K]
+
+
+def candidate_ranks(pos, C):
+    """merge_topk's positions pos (B, k) among C candidates -> (B, C): each candidate's place
+    in the top k, -1 for those left out."""
+    B, k = pos.shape
+    rank = torch.full((B, C), -1, dtype=torch.long, device=pos.device)
+    return rank.scatter_(1, pos, torch.arange(k, device=pos.device).expand(B, k))
+
+
+class _ShardEncode(_SparseEncode):
+    """_SparseEncode on one shard's rows: (x_n, W_enc, b_enc, b_pre) of the shard -> its part of
+    the group's TopK code, vals, idx (B, K) (K = min(k_top, rows), local ids, ReLU'd, zero
+    where the latent is not among the group's top k_top) and of the AuxK code, aux_vals,
+    aux_idx (B, min(k_aux, n_dead here)), likewise over the group's dead latents; then rank
+    (B, K), each entry's place in the group's top k_top (-1: none), and top_vals, top_ids
+    (B, k_top), the group's code itself (global ids, pre-activations before the ReLU).
+    Backward is _SparseEncode's, unchanged: only this shard's rows, and b_pre's partial
+    gradient (the caller sums it over the group)."""
+
+    @staticmethod
+    def forward(ctx, x_n, W_enc, b_enc, b_pre, k_top, dead_idx, k_aux, scratch, shard):
+        ctx.set_materialize_grads(False)
+        x_c = x_n - b_pre  # (B, d)
+        K = min(k_top, len(W_enc))
+        if _screen(x_c, len(W_enc), K):
+            vals, idx = _screened_topk(scratch, x_c, W_enc, b_enc, K)
+        else:
+            vals, idx, _ = _preacts_topk(scratch, x_c, W_enc, b_enc, K, 0)
+        top_vals, top_ids, rank = _gather_merge(vals, idx + shard.lo, k_top, K, shard)
+        vals = vals.relu().masked_fill_(rank < 0, 0)
+        # AuxK: a (B, 0) dense block over no latents where nothing is dead here (embedding_bag
+        # refuses empty bags); every shard joins the gather all the same
+        aux_vals, aux_idx = vals.new_zeros(len(x_c), 0), dead_idx
+        if k_aux:
+            pre_dead = torch.addmm(b_enc[dead_idx], x_c, W_enc[dead_idx].t())  # (B, n_dead here)
+            cand, local = pre_dead.topk(min(k_aux, len(dead_idx)), dim=1)
+            _, _, aux_rank = _gather_merge(cand, dead_idx[local] + shard.lo, k_aux, k_aux, shard)
+            if len(dead_idx):
+                aux_vals, aux_idx = cand.relu().masked_fill_(aux_rank < 0, 0), dead_idx[local]
+        ctx.mm_dtype, ctx.scratch = _backward_dtype(W_enc), scratch
+        vals, aux_vals = vals.to(W_enc.dtype), aux_vals.to(W_enc.dtype)
+        ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx, rank, top_vals, top_ids)
+        return vals, idx, aux_vals, aux_idx, rank, top_vals, top_ids
+
+    @staticmethod
+    def backward(ctx, g_vals, _, g_aux, *__):
+        return *_SparseEncode.backward(ctx, g_vals, None, g_aux, None), None
+
+
+class _SumOverShards(torch.autograd.Function):
+    """Forward: the sum of a tensor over the group (all-reduce). Backward: the gradient as it
+    is, since every shard computes the same loss from the sum, so each holds d loss / d sum."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.clone()
+        torch.distributed.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Forward: the tensor as it is (replicated on the group). Backward: the gradient summed
+    over the group, for a replicated input that each shard uses for its own rows only."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        torch.distributed.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def sharded_recon(sae, x_n, k_top, dead_idx, k_aux, shard):
+    """sparse_recon for one shard's rows of an SAE (W_enc, b_enc, W_dec: (shard.rows, d)), every
+    process of shard.group calling it on the same x_n -> vals, idx (B, k_top) the group's code
+    (global ids), x_hat, x_hat_multi, e_hat as sparse_recon's (the whole group's, the same on
+    every shard), and fired (shard.rows,) bool, this shard's latents in the top k code with a
+    value > 0. dead_idx: this shard's dead latents (local ids); k_aux: the group's AuxK width."""
+    k = sae.cfg.k
+    # [code]: the encoder's use of b_pre differs per shard (its rows), the decoder's does not:
+    # only the first is summed over the group in backward
+    b_pre_enc = _CopyToShards.apply(sae.b_pre, shard.group)
+    vals, idx, aux_vals, aux_idx, rank, top_vals, top_ids = _ShardEncode.apply(
+        x_n, sae.W_enc, sae.b_enc, b_pre_enc, k_top, dead_idx, k_aux, sae._scratch, shard)
+    main = rank < k  # (B, K): entries of the top k code; the rest (rank >= k) is Multi-TopK's
+    codes = [(vals * main if k_top > k else vals, idx)]
+    if k_top > k:
+        codes.append((vals * (rank >= k), idx))
+    if k_aux:
+        codes.append((aux_vals, aux_idx))
+    outs = sparse_decode(sae.W_dec, codes, sae._scratch)  # this shard's part of each (B, d)
+    outs = _SumOverShards.apply(torch.cat(outs, 1), shard.group).split(x_n.shape[1], 1)  # one all-reduce
+    x_hat = outs[0] + sae.b_pre
+    x_hat_multi = x_hat + outs[1] if k_top > k else x_hat
+    e_hat = outs[-1] if k_aux else None
+    won = (main & (rank >= 0) & (vals > 0)).reshape(-1).int()
+    fired = torch.zeros(shard.rows, dtype=torch.int32, device=idx.device).index_add_(0, idx.reshape(-1), won) > 0
+    return top_vals.relu(), top_ids, x_hat, x_hat_multi, e_hat, fired

@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
+import kernels
 from gpt import UserError
-from sae import SAE, SAEConfig, fvu
+from sae import SAE, SAEConfig, SAEOutput, fvu
 
 
 def paper_lr(n_latents):
@@ -86,6 +87,9 @@ class TrainConfig:
     shards: int = flag(0, "independent data shards; each process generates or reads its own share, so a "
                        "run with the same --shards gives the same batches on any number of processes; "
                        "0 means one per process")
+    latent_shards: int = flag(1, "split the latents over this many processes (tensor parallel: each holds n_latents / "
+                              "this rows of the encoder and decoder); under torchrun the processes form "
+                              "processes / latent_shards data-parallel replicas of that many shards; 1: off")
     # bookkeeping
     cache: str = flag("", "directory for an on-disk activation cache (float32, a checksum per chunk): written once, then "
                       "read by later runs")
@@ -115,7 +119,7 @@ class TrainConfig:
         if not self.ckpt_every:
             self.ckpt_every = max(self.batch_size, self.tokens // 10)
         if not self.shards:
-            self.shards = world_size()
+            self.shards = world_size() // self.latent_shards  # one per data-parallel replica
         if not self.device:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if not self.dtype:
@@ -152,6 +156,7 @@ RULES = {
     "ema_decay": gpt.Number(0, 1, open_hi=True), "grad_clip": gpt.Number(0, 1e6, note="0: off"),
     "dead_tokens": gpt.Number(0, 10 ** 13, note="0: min(10M, tokens / 4)"), "shuffle_tokens": gpt.Number(1, 1 << 30),
     "seed": gpt.SEED, "shards": gpt.Number(0, 1 << 16, note="0: one per process"),
+    "latent_shards": gpt.Number(1, 1 << 16, note="1: off"),
     "cache": gpt.OutputDir(), "out_dir": gpt.OutputDir(), "run": check_run_name,
     "device": gpt.check_device, "dtype": gpt.OneOf(("float32", "bfloat16", "float16")),
     "log_every": gpt.Number(1, 10 ** 9), "ckpt_every": gpt.Number(0, 10 ** 13, note="0: a tenth of the run"),
@@ -166,7 +171,9 @@ def check_config(c):
         raise UserError(f"--k {c.k} is out of range: need 1 <= k <= n_latents ({c.n_latents})")
     if c.ctx_len < 2 and not c.include_first:
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
-    shards, world = c.shards or world_size(), world_size()
+    check_latent_shards(c)
+    world = world_size() // c.latent_shards  # the data-parallel replicas: a latent group reads one batch
+    shards = c.shards or world
     if c.shards < 0 or shards % world:
         raise UserError(f"--shards {c.shards}: use a multiple of the number of processes ({world}), or 0 for one each")
     if c.batch_size % shards or c.batch_size // world < 2:
@@ -466,18 +473,19 @@ def any_rank(mask):
     return t.bool()
 
 
-def step_loss(sae, x, out):
+def step_loss(sae, x, out, group=None):
     """-> (the loss this rank backpropagates, the global batch's [loss, fvu, aux_loss, l0], whether
     the loss is finite on every rank). Without DDP: out's own numbers. With DDP: the FVU terms
     divide by the variance of the batch they are taken over, so DDP's average of each rank's own
     gradient is not the gradient of the loss on the global batch, the one a single process
     reading every shard sees (a rank's variance differs from the global one by a few percent).
     Weighting each FVU term by world * (rank variance) / (global variance) makes it that gradient,
-    up to rounding, through SAE.total_loss."""
+    up to rounding, through SAE.total_loss. group: the data-parallel processes (default all; a
+    sharded run's replicas of this shard)."""
     if not dist.is_initialized():
         logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
         return out.loss, logged, bool(torch.isfinite(out.loss))
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     with torch.no_grad():
         x_n, mu, scale = sae.normalize_input(x)
         e = x_n - (out.x_hat - mu) / scale  # the residual AuxK models
@@ -486,7 +494,7 @@ def step_loss(sae, x, out):
         stats = torch.cat([x_n.double().sum(0), e.double().sum(0), torch.stack([t.double() for t in (
             x_n.double().pow(2).sum(), e.double().pow(2).sum(), out.fvu * var_x, out.multi_loss * var_x,
             out.aux_loss * var_e, out.l0, out.l1, out.loss)])])
-        dist.all_reduce(stats)
+        dist.all_reduce(stats, group=group)
         d, n = x_n.shape[1], len(x) * world
         sq_x, sq_e, sse, sse_multi, sse_aux, l0, l1, loss_sum = stats[2 * d:]
         var_x_all = sq_x - stats[:d].square().sum() / n
@@ -531,6 +539,7 @@ class Run:
     total_steps: int
     step: int = 0
     skipped: int = 0  # non-finite batches skipped (--skip_nonfinite)
+    grid: "LatentGrid | None" = None  # --latent_shards > 1: this process's place among the shards
 
     def checkpoint(self, metrics):
         c, sae = self.c, self.sae
@@ -550,23 +559,25 @@ def start_run(c, resume):
     run_dir = os.path.join(c.out_dir, c.run)
     distributed = dist.is_initialized()
     ranks, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    grid = latent_grid(c) if distributed else None  # None unless --latent_shards > 1
     if rank:
         barrier(c)
     model, tok, train_ids, val_ids, subject = load_subject(c)
     if distributed and not rank:
         barrier(c)
-    per_rank = c.shards // ranks
-    stream = ActivationStream(c, model, train_ids, subject, shards=range(rank * per_rank, (rank + 1) * per_rank))
-    sae = make_sae(c, subject["d_model"]).to(c.device)
+    replicas, replica = (grid.replicas, grid.replica) if grid else (ranks, rank)
+    per_rank = c.shards // replicas
+    stream = ActivationStream(c, model, train_ids, subject, shards=range(replica * per_rank, (replica + 1) * per_rank))
+    sae = (make_sharded_sae(c, subject["d_model"], grid) if grid else make_sae(c, subject["d_model"])).to(c.device)
     os.makedirs(run_dir, exist_ok=True)  # main has claimed it (claim_run_dir); this is for direct callers
     opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=6.25e-10,  # [code]
                            fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
     run = Run(c, model, subject, val_ids, stream, sae, sae, opt, None,
-              torch.zeros(c.n_latents, dtype=torch.long, device=c.device),
+              torch.zeros(grid.shard.rows if grid else c.n_latents, dtype=torch.long, device=c.device),
               os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl"), rank == 0,
-              math.ceil(c.tokens / c.batch_size))
+              math.ceil(c.tokens / c.batch_size), grid=grid)
     ck = restore(run) if resume else init_sae(run)
-    if distributed:
+    if distributed and not grid:
         # DDP starts by copying rank 0's parameters to every rank (b_pre came from each rank's own shard)
         run.net = DDP(sae, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
     run.ema = EMA(sae, c.ema_decay)
@@ -580,6 +591,8 @@ def init_sae(run):
     of them), the encoder at the decoder's transpose (sae.py), rescaled; or the ablation. A new
     run's log starts empty."""
     c, sae = run.c, run.sae
+    if run.grid:
+        return init_sharded(run)
     if c.no_init_tricks:  # b_pre = 0, encoder rows independent of the decoder's
         with torch.no_grad():
             sae.W_enc.copy_(torch.nn.functional.normalize(torch.randn_like(sae.W_enc), dim=1))
@@ -594,6 +607,8 @@ def init_sae(run):
 def restore(run):
     """Load the run's last checkpoint into run (weights, Adam, dead-latent counters, position);
     -> the checkpoint, whose EMA start_run restores once the EMA exists."""
+    if run.grid:
+        return restore_sharded(run)
     ck = gpt.load_checkpoint(run.ckpt_path)
     if ck["subject"]["sha256"] != run.subject["sha256"]:
         raise UserError(f"{run.ckpt_path} was trained on another subject model ({ck['subject']['model']})")
@@ -667,15 +682,19 @@ def train(c, resume=False):
     while run.step < total_steps:
         x = run.stream.batch(run.step).to(c.device, non_blocking=True)
         dead = run.tokens_since_fired >= c.dead_tokens
-        logged = train_step(run, x, dead)
+        logged = (train_step_sharded if run.grid else train_step)(run, x, dead)
         run.step += 1
         if logged is None:
             continue
         bar.update(c.batch_size)
-        if run.main_rank and (run.step % c.log_every == 0 or run.step == total_steps):
-            log_step(run, logged, dead, time.time() - t0, bar)
-        if c.ckpt_every and run.step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and run.step < total_steps:
+        if (run.main_rank or run.grid) and (run.step % c.log_every == 0 or run.step == total_steps):
+            dead_all = group_latents(run, dead)  # sharded: every shard's part, a collective
             if run.main_rank:
+                log_step(run, logged, dead_all, time.time() - t0, bar)
+        if c.ckpt_every and run.step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and run.step < total_steps:
+            if run.grid:
+                save_sharded(run, {})
+            elif run.main_rank:
                 gpt.save_checkpoint(run.checkpoint({}), run.ckpt_path)
             last_ckpt_tokens = run.step * c.batch_size
     bar.close()
@@ -697,17 +716,23 @@ def finish(run, train_s, tokens_trained):
     """The held-out summary with the EMA weights (paper App. A), the final checkpoint and its
     printout -> the checkpoint dict. Every rank computes the same numbers, so none waits."""
     c = run.c
-    eval_sae = make_sae(c, run.subject["d_model"]).to(c.device)
+    if run.grid:  # the held-out summary runs sharded too: no process holds every latent
+        eval_sae = ShardedSAE(run.sae.cfg, run.grid.shard, draw=False).to(c.device)
+    else:
+        eval_sae = make_sae(c, run.subject["d_model"]).to(c.device)
     eval_sae.load_state_dict(run.ema.state_dict())
     windows = heldout_windows(run.val_ids, c.ctx_len, c.eval_tokens, c.include_first)
     metrics = heldout_summary(eval_sae, run.model, windows, c.layer, c.include_first, c.device)
-    metrics.update(dead_frac=(run.tokens_since_fired >= c.dead_tokens).float().mean().item(),
+    metrics.update(dead_frac=group_latents(run, run.tokens_since_fired >= c.dead_tokens).float().mean().item(),
                    train_seconds=round(train_s, 1), tokens_per_s=round(tokens_trained / max(train_s, 1e-9)),
                    skipped=run.skipped)
     ck = run.checkpoint(metrics)
+    if run.grid:
+        save_sharded(run, metrics)
     if not run.main_rank:
         return ck
-    gpt.save_checkpoint(ck, run.ckpt_path)
+    if not run.grid:
+        gpt.save_checkpoint(ck, run.ckpt_path)
     print(f"held-out ({metrics['eval_tokens']:,} tokens, EMA weights): FVU {metrics['fvu']:.4f}  L0 {metrics['l0']:.1f}  "
           f"delta CE {metrics['delta_ce']:+.4f} nats ({metrics['ce_clean']:.4f} -> {metrics['ce_sae']:.4f})  "
           f"dead {metrics['dead_frac']:.2%} (no fire in {c.dead_tokens:,} tokens)  "
@@ -720,12 +745,329 @@ def load_sae(path, ema=True):
     """An SAE checkpoint from train.py -> (SAE in eval mode, checkpoint dict). ema: use the
     EMA weights (what the paper evaluates), else the raw final weights."""
     ck = gpt.load_checkpoint(path)
+    if isinstance(ck, dict) and "latent_shards" in ck:  # a sharded run's manifest: its shards, joined
+        ck = load_sharded(path, ck)
     if not isinstance(ck, dict) or "sae_config" not in ck or "sae" not in ck:
         raise UserError(f"{path}: not an SAE checkpoint (no sae_config/sae); pass the ckpt.pt that train.py "
                         f"writes (out/<run>/ckpt.pt)")
     sae = SAE(SAEConfig(**ck["sae_config"]))
     sae.load_state_dict(ck["ema"] if ema else ck["sae"])
     return sae.eval(), ck
+
+
+# -----------------------------------------------------------------------------
+# Latent sharding (--latent_shards M, under torchrun): tensor parallel over the latents.
+# The N processes form N / M data-parallel replicas x M latent shards; shard s of every
+# replica holds latents s * n / M .. (s + 1) * n / M - 1: their rows of W_enc, b_enc, W_dec,
+# the gradients, Adam moments, EMA and dead-latent counters. b_pre is replicated. The TopK is
+# exact (kernels.sharded_recon): a run with M shards computes what one process does, up to
+# the order of floating-point sums. Ranks r * M .. r * M + M - 1 are replica r's latent group
+# (on GPUs, one node's: the group talks at every step); shard s's replicas average gradients.
+
+
+class LatentGrid:
+    """This process's place: replica (of replicas) and shard (a kernels.Shard: index, count,
+    first latent lo, rows, latent group); data: the group of this shard's replicas, None if one."""
+
+    def __init__(self, replicas, replica, shard, data):
+        self.replicas, self.replica, self.shard, self.data = replicas, replica, shard, data
+
+
+def check_latent_shards(c):
+    """--latent_shards M: M processes per latent group, so torchrun with a multiple of M; M
+    divides n_latents; TopK only."""
+    m, world = c.latent_shards, world_size()
+    if m == 1:
+        return
+    if "WORLD_SIZE" not in os.environ:
+        raise UserError(f"--latent_shards {m} needs one process per shard: run torchrun --nproc_per_node={m} "
+                        f"train.py -- ... (or a multiple of {m} processes), or pass --latent_shards 1")
+    if world % m:
+        raise UserError(f"--latent_shards {m} does not divide the {world} processes: use a divisor of {world}, "
+                        f"or torchrun --nproc_per_node with a multiple of {m}")
+    if c.n_latents % m:
+        raise UserError(f"--latent_shards {m} does not divide --n_latents {c.n_latents}: use a divisor of "
+                        f"n_latents, or n_latents a multiple of {m}")
+    if c.activation != "topk":
+        raise UserError(f"--latent_shards {m} shards the TopK SAE only: pass --activation topk or --latent_shards 1")
+
+
+def latent_grid(c):
+    """-> this process's LatentGrid under --latent_shards M > 1 (every rank makes every group, in
+    the same order, as torch.distributed requires), else None."""
+    m = c.latent_shards
+    if m == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    replicas, rows = world // m, c.n_latents // m
+    latent = [dist.new_group(list(range(r * m, (r + 1) * m))) for r in range(replicas)]
+    data = [dist.new_group(list(range(s, world, m))) for s in range(m)] if replicas > 1 else [None] * m
+    replica, s = divmod(rank, m)
+    return LatentGrid(replicas, replica, kernels.Shard(s, m, s * rows, rows, latent[replica]), data[s])
+
+
+def randn_rows(n, d, lo, hi, chunk=1 << 18):
+    """Rows lo..hi-1 of torch.randn(n, d) from the global generator, drawn in chunks of rows and
+    advancing the generator as that call would: CPU normal sampling fills 16 values at a time,
+    so chunks of a multiple of 16 values give the same stream (test_train checks it). Memory:
+    one chunk plus the rows kept, where the whole (n, d) would not fit at the paper's scale."""
+    rows = 16 * max(1, chunk // (16 * d))
+    out = torch.empty(hi - lo, d)
+    for s in range(0, n, rows):
+        block = torch.randn(min(rows, n - s), d)
+        a, b = max(s, lo), min(s + len(block), hi)
+        if a < b:
+            out[a - lo:b - lo] = block[a - s:b - s]
+    return out
+
+
+class ShardedSAE(torch.nn.Module):
+    """One shard of an SAE (sae.py's SAE, cfg its whole configuration): W_enc, W_dec
+    (shard.rows, d_model) and b_enc (shard.rows,), rows shard.lo onwards of the full SAE's,
+    initialized as those (draw=False: left uninitialized, for loading), and b_pre (d_model,).
+    Its forward gives the whole SAE's SAEOutput on every shard, except fired, this shard's
+    (shard.rows,); dead_mask is this shard's too."""
+
+    def __init__(self, cfg, shard, draw=True):
+        super().__init__()
+        self.cfg, self.shard = cfg, shard
+        rows = shard.rows
+        # paper App. A.1 as sae.SAE: unit decoder rows, the encoder their copy; the same rows
+        W_dec = (torch.nn.functional.normalize(randn_rows(cfg.n_latents, cfg.d_model, shard.lo, shard.lo + rows), dim=1)
+                 if draw else torch.empty(rows, cfg.d_model))
+        self.W_dec = torch.nn.Parameter(W_dec)  # (rows, d_model)
+        self.W_enc = torch.nn.Parameter(W_dec.clone())  # (rows, d_model)
+        self.b_enc = torch.nn.Parameter(torch.zeros(rows))
+        self.b_pre = torch.nn.Parameter(torch.zeros(cfg.d_model))
+        self._scratch = {}
+
+    # the row-wise and per-token parts of sae.SAE are the same on a shard
+    normalize_input, denormalize, total_loss = SAE.normalize_input, SAE.denormalize, SAE.total_loss
+    project_decoder_grad, normalize_decoder = SAE.project_decoder_grad, SAE.normalize_decoder
+    init_b_pre, _check_input = SAE.init_b_pre, SAE._check_input
+
+    def forward(self, x, dead_mask=None):
+        """As SAE.forward (the TopK SAE) on caller's-space x (B >= 2, d_model), the same x on
+        every shard of the group."""
+        cfg, shard = self.cfg, self.shard
+        x_n, mu, scale = self.normalize_input(x.detach())
+        if x_n.shape[0] < 2:
+            raise ValueError(f"forward needs a batch of >= 2 tokens, got {x_n.shape[0]}")
+        zero = x_n.new_zeros(())
+        dead_idx, k_aux = torch.zeros(0, dtype=torch.long, device=x_n.device), 0
+        if dead_mask is not None:  # AuxK's width comes from the group's count of dead latents
+            dead_idx = dead_mask.to(x_n.device).nonzero().squeeze(1)
+            n_dead = torch.tensor([len(dead_idx)], device=x_n.device)
+            dist.all_reduce(n_dead, group=shard.group)
+            k_aux = min(cfg.k_aux, int(n_dead))
+        k_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
+        vals, idx, x_hat, x_hat_multi, e_hat, fired = kernels.sharded_recon(self, x_n, k_top, dead_idx, k_aux, shard)
+        main = fvu(x_n, x_hat)
+        multi = fvu(x_n, x_hat_multi) if cfg.multi_topk else zero  # paper §5.3
+        aux = zero
+        if k_aux > 0:  # paper §2.4 as SAE.forward
+            e = (x_n - x_hat).detach()
+            aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
+        vals, idx = vals[:, :cfg.k].detach(), idx[:, :cfg.k]
+        return SAEOutput(self.total_loss(main, multi, aux, zero), main, aux, multi, zero,
+                         (vals > 0).sum(1).float().mean(), vals, idx, fired,
+                         self.denormalize(x_hat.detach(), mu, scale))
+
+    @torch.no_grad()
+    def init_encoder_scale(self, n_samples=256):
+        """SAE.init_encoder_scale over the group: the same samples on every shard, the norm of
+        the whole reconstruction (all-reduced), so every shard divides by the same number."""
+        seed = int(torch.randint(2**62, (1,)))  # as SAE's: the same draws from the same generator
+        g = torch.Generator(device=self.W_enc.device).manual_seed(seed)
+        u = torch.nn.functional.normalize(torch.randn(n_samples, self.cfg.d_model, generator=g,
+                                                      device=self.W_enc.device), dim=1)
+        empty = torch.zeros(0, dtype=torch.long, device=u.device)
+        x_hat_n = kernels.sharded_recon(self, u + self.b_pre, self.cfg.k, empty, 0, self.shard)[2] - self.b_pre
+        self.W_enc.div_(x_hat_n.norm(dim=1).mean().clamp_min(1e-12))
+
+
+def make_sharded_sae(c, d_model, grid):
+    """make_sae's SAE, this process's shard of it. The configuration is checked by make_sae on
+    the meta device, which allocates and draws nothing."""
+    with torch.device("meta"):
+        cfg = make_sae(c, d_model).cfg
+    return ShardedSAE(cfg, grid.shard)
+
+
+@torch.no_grad()
+def sync_replicas(run):
+    """Every replica's shard s to replica 0's (as DDP does at its start: b_pre came from each
+    replica's own data)."""
+    if run.grid.data is not None:
+        src = run.grid.shard.index  # replica 0's rank for this shard
+        for p in run.sae.parameters():
+            dist.broadcast(p.data, src, group=run.grid.data)
+
+
+def init_sharded(run):
+    """init_sae over the latent group: b_pre the geometric median of the same sample on every
+    shard, the encoder rescale from the whole reconstruction; the ablation draws the encoder's
+    rows as the single-process run does (the full stream, this shard's rows kept)."""
+    c, sae, shard = run.c, run.sae, run.grid.shard
+    if c.no_init_tricks:
+        with torch.no_grad():
+            rows = randn_rows(c.n_latents, sae.cfg.d_model, shard.lo, shard.lo + shard.rows)
+            sae.W_enc.copy_(torch.nn.functional.normalize(rows, dim=1))
+    else:
+        sae.init_b_pre(run.stream.sample(32768).to(c.device))
+        sae.init_encoder_scale()
+    sync_replicas(run)
+    if run.main_rank:
+        with open(run.log_path, "w"):
+            pass
+
+
+def group_latents(run, t):
+    """A per-latent tensor (rows,) of this shard -> the group's (n_latents,), in latent order
+    (all-gathered; every process of the group must call it). Unsharded: t itself."""
+    if not run.grid:
+        return t
+    parts = [torch.empty_like(t, dtype=torch.uint8 if t.dtype == torch.bool else t.dtype)
+             for _ in range(run.grid.shard.count)]
+    dist.all_gather(parts, t.to(parts[0].dtype), group=run.grid.shard.group)
+    return torch.cat(parts).to(t.dtype)
+
+
+def train_step_sharded(run, x, dead):
+    """train_step for a sharded run: the same step, with the replicas' gradients averaged by
+    hand (the replicas of a shard hold the same rows; DDP would expect every rank to), the
+    gradient norm and the fired latents taken over the right groups."""
+    c, sae, grid = run.c, run.sae, run.grid
+    out = None
+    if all_ranks(torch.isfinite(x).all()):
+        with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
+                            enabled=c.dtype != "float32"):
+            out = sae(x, dead_mask=dead if c.auxk else None)
+        if grid.data is None:  # one replica: its batch is the global one
+            loss, finite = out.loss, bool(torch.isfinite(out.loss))
+            logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
+        else:
+            loss, logged, finite = step_loss(sae, x, out, grid.data)
+    if out is None or not finite:
+        if not c.skip_nonfinite:
+            what = "activations" if out is None else "loss"
+            raise UserError(f"non-finite {what} at step {run.step} (tokens {run.step * c.batch_size:,}); the last "
+                            f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
+        run.skipped += 1
+        return None
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(c, run.step, run.total_steps)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()  # each shard's own rows; b_pre's gradient, summed over the group, is whole
+    if grid.data is not None:  # the replicas' mean, as DDP's
+        for p in sae.parameters():
+            dist.all_reduce(p.grad, group=grid.data)
+            p.grad.div_(grid.replicas)
+    sae.project_decoder_grad()
+    if c.grad_clip:
+        clip_sharded(sae, grid, c.grad_clip)
+    run.opt.step()
+    sae.normalize_decoder()
+    run.ema.update(sae)
+    fired = out.fired
+    if grid.data is not None:  # fired on any replica
+        fired = fired.to(torch.uint8)
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX, group=grid.data)
+    run.tokens_since_fired += c.batch_size
+    run.tokens_since_fired.masked_fill_(fired.bool(), 0)
+    return logged
+
+
+@torch.no_grad()
+def clip_sharded(sae, grid, max_norm):
+    """torch.nn.utils.clip_grad_norm_ over the whole SAE: the sharded rows' squared norms summed
+    over the group, b_pre's (replicated) counted once."""
+    rows = [sae.W_dec.grad, sae.W_enc.grad, sae.b_enc.grad]
+    sq = torch.stack([torch.linalg.vector_norm(g) for g in rows]).square().sum().reshape(1)
+    dist.all_reduce(sq, group=grid.shard.group)
+    total = (sq[0] + torch.linalg.vector_norm(sae.b_pre.grad).square()).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in rows + [sae.b_pre.grad]:
+        g.mul_(coef)
+
+
+# Sharded checkpoints: OUT_DIR/RUN/ckpt.pt is a small manifest (everything of a checkpoint but
+# the per-latent tensors) naming one file per shard, ckpt.step<S>.shard<s>of<M>.pt, with that
+# shard's rows of the weights, EMA, Adam state and dead-latent counters. Replica 0's shards
+# write theirs (each atomically), then rank 0 the manifest: a crash leaves the last manifest and
+# the files it names, whose names carry their step. load_sae (so evals.py and --export) joins them.
+
+SHARD_FILE = "ckpt.step{step}.shard{s}of{m}.pt"
+_PER_LATENT = ("sae", "ema", "optimizer", "tokens_since_fired")
+
+
+def save_sharded(run, metrics):
+    """Write this shard's file (replica 0 only), then the manifest (rank 0), and remove the
+    shard files of earlier checkpoints; every process calls it."""
+    grid, run_dir = run.grid, os.path.dirname(run.ckpt_path)
+    m, shard = grid.shard.count, grid.shard
+    ck = run.checkpoint(metrics)
+    names = [SHARD_FILE.format(step=run.step, s=s, m=m) for s in range(m)]
+    if grid.replica == 0:
+        part = {k: ck[k] for k in _PER_LATENT}
+        part.update(step=run.step, shard=shard.index, shards=m, rows=[shard.lo, shard.lo + shard.rows])
+        gpt.save_checkpoint(part, os.path.join(run_dir, names[shard.index]))
+    barrier(run.c)  # every shard's file is on disk before the manifest names it
+    if run.main_rank:
+        manifest = {k: v for k, v in ck.items() if k not in _PER_LATENT}
+        manifest["latent_shards"] = {"count": m, "files": names,
+                                     "rows": [[s * shard.rows, (s + 1) * shard.rows] for s in range(m)]}
+        gpt.save_checkpoint(manifest, run.ckpt_path)
+        for name in os.listdir(run_dir):
+            if name.startswith("ckpt.step") and ".shard" in name and name not in names:
+                os.remove(os.path.join(run_dir, name))
+    return ck
+
+
+def _load_shard_file(path, manifest, s):
+    """Shard s's file named by the manifest at path, checked against it."""
+    info = manifest["latent_shards"]
+    file = os.path.join(os.path.dirname(path), info["files"][s])
+    if not os.path.isfile(file):
+        raise UserError(f"{path} names the latent shard file {file}, which is missing: restore it from the same "
+                        f"run (every shard file the manifest names is needed)")
+    part = gpt.load_checkpoint(file)
+    if part.get("step") != manifest["step"] or part.get("rows") != info["rows"][s]:
+        raise UserError(f"{file} does not belong to {path} (another step or rows); restore the run's files together")
+    return part
+
+
+def load_sharded(path, manifest):
+    """A sharded run's manifest -> the checkpoint of the whole SAE, as an unsharded run writes it
+    (no optimizer state): the shards' rows joined in latent order, b_pre from shard 0."""
+    parts = [_load_shard_file(path, manifest, s) for s in range(manifest["latent_shards"]["count"])]
+    ck = dict(manifest)
+    for key in ("sae", "ema"):
+        ck[key] = {name: (parts[0][key][name] if name == "b_pre" else torch.cat([p[key][name] for p in parts]))
+                   for name in parts[0][key]}
+    ck["tokens_since_fired"] = torch.cat([p["tokens_since_fired"] for p in parts])
+    return ck
+
+
+def restore_sharded(run):
+    """restore for a sharded run: the manifest, then this shard's file (the same --latent_shards,
+    which --resume takes from the manifest's train_config)."""
+    manifest = gpt.load_checkpoint(run.ckpt_path)
+    if manifest["subject"]["sha256"] != run.subject["sha256"]:
+        raise UserError(f"{run.ckpt_path} was trained on another subject model ({manifest['subject']['model']})")
+    if manifest.get("latent_shards", {}).get("count") != run.grid.shard.count:
+        raise UserError(f"{run.ckpt_path} was not written with --latent_shards {run.grid.shard.count}: resume it "
+                        f"with the shard count it was trained with")
+    part = _load_shard_file(run.ckpt_path, manifest, run.grid.shard.index)
+    run.sae.load_state_dict(part["sae"])
+    run.opt.load_state_dict(part["optimizer"])
+    run.tokens_since_fired = part["tokens_since_fired"].to(run.c.device)
+    run.step, run.skipped = manifest["step"], manifest["skipped"]
+    if run.main_rank:
+        print(f"resuming {run.ckpt_path} at step {run.step} ({run.step * run.c.batch_size:,} tokens), "
+              f"{run.grid.shard.count} latent shards, with the run's saved settings")
+    return {"ema": part["ema"], "ema_steps": manifest["ema_steps"]}
+
 
 
 # -----------------------------------------------------------------------------
