@@ -513,10 +513,11 @@ def shard_runs(tiny_gpt_ckpt, tmp_path_factory):
                if procs else [sys.executable]) + [str(script)]
         (tmp / name).mkdir(exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", STATE_DIR=str(tmp / name), **env)
-        return subprocess.run(cmd + ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp / name), "--run", "r",
-                                     *SHARD_RUN, *extra], env=env, cwd=tmp, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(cmd + ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp / name), *SHARD_RUN, *extra],
+                              env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
     run.dir = tmp
+    # the run directory (torchrun's parser would take --run for its --run-path: the default name)
+    run.ckpt = lambda name: next((tmp / name).glob("topk_*")) / "ckpt.pt"
     return run
 
 
@@ -535,12 +536,12 @@ def assert_sharded_run_matches(run, one, sharded, ranks, atol):
     assert len(codes[one][0]) == 8
     for step in range(8):
         assert torch.equal(codes[one][0][step], torch.cat([c[step] for c in codes[sharded]])), step
-    a, b = (sharded_state(run.dir / d / "r" / "ckpt.pt") for d in (one, sharded))
+    a, b = (sharded_state(run.ckpt(d)) for d in (one, sharded))
     for key in ("sae", "ema"):
         for name in a[key]:
             torch.testing.assert_close(b[key][name], a[key][name], rtol=0, atol=atol)
     assert torch.equal(a["tokens_since_fired"], b["tokens_since_fired"]) and b["step"] == 8
-    logs = {d: [json.loads(line) for line in open(run.dir / d / "r" / "log.jsonl")] for d in (one, sharded)}
+    logs = {d: [json.loads(line) for line in open(run.ckpt(d).parent / "log.jsonl")] for d in (one, sharded)}
     assert [r["step"] for r in logs[sharded]] == list(range(1, 9))
     for x, y in zip(logs[one], logs[sharded]):
         for key in ("loss", "fvu", "aux_loss", "l0", "dead_frac"):
@@ -558,13 +559,12 @@ def test_latent_shards_match_one_process(shard_runs):
         assert r.returncode == 0, r.stderr[-3000:]
     assert_sharded_run_matches(shard_runs, "one", "m2", [0], 1e-6)
     assert_sharded_run_matches(shard_runs, "one", "grid", [0, 2], 1e-6)
-    ck_path = shard_runs.dir / "m2" / "r" / "ckpt.pt"
+    ck_path = shard_runs.ckpt("m2")
     files = sorted(f for f in os.listdir(ck_path.parent) if ".shard" in f)
     assert files == ["ckpt.step8.shard0of2.pt", "ckpt.step8.shard1of2.pt"]  # step 4's were removed
     sae, ck = train.load_sae(str(ck_path))
-    one, _ = train.load_sae(str(shard_runs.dir / "one" / "r" / "ckpt.pt"))
-    assert sae.cfg.n_latents == 128 and ck["metrics"]["fvu"] == pytest.approx(
-        torch.load(shard_runs.dir / "one" / "r" / "ckpt.pt", weights_only=True)["metrics"]["fvu"], rel=1e-4)
+    one, one_ck = train.load_sae(str(shard_runs.ckpt("one")))
+    assert sae.cfg.n_latents == 128 and ck["metrics"]["fvu"] == pytest.approx(one_ck["metrics"]["fvu"], rel=1e-4)
     torch.testing.assert_close(sae.W_dec, one.W_dec, rtol=0, atol=1e-6)
 
 
@@ -582,16 +582,16 @@ def test_latent_shards_match_one_process_in_float64_with_multi_topk(shard_runs):
 def test_a_sharded_run_killed_and_resumed_is_bitwise_exact(shard_runs):
     """2 shards, rank 1 SIGKILLed at step 6 (after the step-4 checkpoint), resumed: every shard
     file's weights, EMA, Adam state and counters equal an uninterrupted run's (the first test's)."""
-    if not (shard_runs.dir / "m2" / "r" / "ckpt.pt").exists():
+    if not (shard_runs.dir / "m2").exists():
         assert shard_runs("m2", 2, "--latent_shards", "2").returncode == 0
     r = shard_runs("killed", 2, "--latent_shards", "2", KILL_AT_STEP="6")
-    ckpt = shard_runs.dir / "killed" / "r" / "ckpt.pt"
+    ckpt = shard_runs.ckpt("killed")
     assert r.returncode != 0 and torch.load(ckpt, weights_only=True)["step"] == 4
     r = shard_runs("killed", 2, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     for s in range(2):
         name = f"ckpt.step8.shard{s}of2.pt"
-        a, b = (torch.load(shard_runs.dir / d / "r" / name, weights_only=True) for d in ("m2", "killed"))
+        a, b = (torch.load(shard_runs.ckpt(d).parent / name, weights_only=True) for d in ("m2", "killed"))
         assert_same_state((a["sae"], a["ema"], a["optimizer"]["state"], a["tokens_since_fired"], a["step"]),
                           (b["sae"], b["ema"], b["optimizer"]["state"], b["tokens_since_fired"], b["step"]))
 
