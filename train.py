@@ -499,7 +499,7 @@ def step_loss(sae, x, out, group=None):
         sq_x, sq_e, sse, sse_multi, sse_aux, l0, l1, loss_sum = stats[2 * d:]
         var_x_all = sq_x - stats[:d].square().sum() / n
         var_e_all = (sq_e - stats[d:2 * d].square().sum() / n).clamp_min(1e-30)  # 0 when reconstruction is exact
-        w_x, w_e = (world * var_x / var_x_all).float(), (world * var_e / var_e_all).float()
+        w_x, w_e = ((world * v / v_all).to(out.fvu.dtype) for v, v_all in ((var_x, var_x_all), (var_e, var_e_all)))
         fvu_all, aux_all = sse / var_x_all, sse_aux / var_e_all
         logged = torch.stack([sae.total_loss(fvu_all, sse_multi / var_x_all, aux_all, l1 / world),
                               fvu_all, aux_all, l0 / world]).float()
