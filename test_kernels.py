@@ -1,7 +1,9 @@
 """Tests for kernels.py, ordered like it: the fast path equals sae.py's dense reference on
 every route (codes, losses, gradients), the two-stage TopK, the bf16 screen's error bound and
 exactness, the dense (CUDA) backward under autocast, the gradient buffers kept across steps,
-and that importing the fast path leaves the process's warning filters alone."""
+that importing the fast path leaves the process's warning filters alone, and latent sharding's
+merged TopK and sharded reconstruction (two gloo processes against one)."""
+import os
 import subprocess
 import sys
 
@@ -248,3 +250,98 @@ def test_import_and_a_step_leave_warning_filters_alone_and_warn_nothing():
     """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+# ---- latent sharding: the merged TopK and sharded_recon ----
+
+@FEW
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 40), st.integers(1, 60), st.integers(0, 2**31 - 1),
+       st.booleans(), st.booleans())
+def test_merged_shard_topk_equals_torch_topk(B, M, rows, k, seed, ties, one_shard_wins):
+    """Each of M shards' local top k (kernels.topk, as the encoder takes it), merged: the values
+    are torch.topk's on the concatenated pre-activations exactly, the ids point at them, and with
+    distinct values the ids are torch.topk's too; with ties, equal values come lower id first.
+    one_shard_wins puts every winner in one shard (more than k / M there, where a capacity
+    factor would drop some). merge_topk itself: the top k by (value descending, id ascending)
+    of the candidates, whatever their order, and candidate_ranks marks exactly those."""
+    n = M * rows
+    k = min(k, n)
+    g = torch.Generator().manual_seed(seed)
+    pre = (torch.randint(0, 4, (B, n), generator=g).double() if ties
+           else torch.randn(B, n, generator=g, dtype=torch.float64))
+    if one_shard_wins:
+        pre[:, (seed % M) * rows:(seed % M + 1) * rows] += 10
+    K = min(k, rows)
+    local = [kernels.topk(pre[:, s * rows:(s + 1) * rows], K) for s in range(M)]
+    vals = torch.cat([v for v, _ in local], 1)  # (B, M * K), in shard order as all_gather gives them
+    ids = torch.cat([i + s * rows for s, (_, i) in enumerate(local)], 1)
+    top_vals, top_ids, pos = kernels.merge_topk(vals, ids, k)
+    ref = pre.topk(k, dim=1)
+    assert torch.equal(top_vals, ref.values) and torch.equal(pre.gather(1, top_ids), top_vals)
+    assert (top_ids.sort(1).values.diff(dim=1) > 0).all()
+    if not ties:
+        assert torch.equal(top_ids, ref.indices)
+    assert ((top_vals.diff(dim=1) < 0) | (top_ids.diff(dim=1) > 0)).all()  # equal values: lower id first
+    # the merge alone: order-free, and the (value desc, id asc) order of a plain sort of the pairs
+    perm = torch.randperm(vals.shape[1], generator=g)
+    v2, i2, pos2 = kernels.merge_topk(vals[:, perm], ids[:, perm], k)
+    assert torch.equal(v2, top_vals) and torch.equal(i2, top_ids) and torch.equal(perm[pos2], pos)
+    for b in range(B):
+        pairs = sorted(zip((-vals[b]).tolist(), ids[b].tolist()))[:k]
+        assert [i for _, i in pairs] == top_ids[b].tolist()
+    rank = kernels.candidate_ranks(pos, vals.shape[1])
+    assert torch.equal((rank >= 0).sum(1), torch.full((B,), k)) and torch.equal(rank.gather(1, pos),
+                                                                                torch.arange(k).expand(B, k))
+
+
+SHARDED_RECON = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+import kernels, train
+from sae import SAE, SAEConfig
+rank, M = int(sys.argv[1]), 2
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=M)
+torch.set_num_threads(1)
+for multi_topk, dead_ids in ((False, []), (True, [1, 2, 5, 20, 21, 30]), (False, [3, 7, 9]), (True, list(range(32)))):
+    cfg = SAEConfig(d_model=8, n_latents=32, k=3, k_aux=4, multi_topk=multi_topk)
+    torch.manual_seed(0)
+    full = SAE(cfg).double()
+    with torch.no_grad():
+        full.b_enc.normal_(0, 0.1)
+        full.b_pre.normal_(0, 0.1)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[dead_ids] = True
+    rows = slice(16 * rank, 16 * rank + 16)
+    shard = train.ShardedSAE(cfg, kernels.Shard(rank, M, 16 * rank, 16, None), draw=False).double()
+    shard.load_state_dict({{k: v if k == "b_pre" else v[rows] for k, v in full.state_dict().items()}})
+    ref, out = full(x, dead_mask=dead), shard(x, dead_mask=dead[rows])
+    ref.loss.backward()
+    out.loss.backward()
+    assert torch.equal(out.idx, ref.idx) and torch.equal(out.fired, ref.fired[rows])
+    for name in ("loss", "fvu", "aux_loss", "multi_loss", "vals", "x_hat"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=0, atol=1e-13)
+    for name, p in shard.named_parameters():
+        want = full.get_parameter(name).grad
+        torch.testing.assert_close(p.grad, want if name == "b_pre" else want[rows], rtol=0, atol=1e-13)
+    assert (ref.aux_loss > 0) == bool(dead_ids)
+print("ok")
+"""
+
+
+def test_sharded_recon_gives_the_single_process_codes_and_gradients(tmp_path):
+    """Two gloo processes, each holding half the latents, against the whole SAE on the same batch
+    (float64): the codes, losses, reconstruction and every gradient, b_pre's whole (its encoder
+    part summed over the shards, its decoder part not), with Multi-TopK and AuxK, dead latents on
+    both shards, on one shard only, or all of them."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "sharded_recon.py"
+    script.write_text(SHARDED_RECON.format(here=os.path.dirname(os.path.abspath(__file__))))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert all(rc == 0 and out.strip() == "ok" for rc, out, _ in results), [err[-2000:] for _, _, err in results]
