@@ -331,6 +331,97 @@ def print_table(res):
               f"{t['dead_frac']:.0%} dead at the end")
 
 
+# -----------------------------------------------------------------------------
+# Latent sharding (train.py --latent_shards): per-process memory and step time against M
+
+
+def _shard_worker(rank, M, port, shape, args, q):
+    """One process of M (gloo): a training step as train.py's sharded run takes it (M = 1: the
+    unsharded SAE), with Adam and the EMA; -> q: (rank, median step s, peak bytes above the
+    resident set before the SAE was built)."""
+    import torch.distributed as dist
+    torch.set_num_threads(args.threads or 1)
+    d, n, k, B = shape
+    if M > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=M)
+    torch.manual_seed(0)
+    xs = itertools.cycle(torch.randn(4, B, d).unbind())  # the same batches on every shard
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < args.dead_frac
+
+
+    def build(n):
+        cfg = SAEConfig(d_model=d, n_latents=n, k=min(k, n // M))
+        rows = n // M
+        return (train.ShardedSAE(cfg, kernels.Shard(rank, M, rank * rows, rows, None)) if M > 1 else SAE(cfg),
+                slice(rank * rows, (rank + 1) * rows))
+
+    # a step of a tiny SAE first, so that the libraries a step loads are resident before `base`
+    tiny, _ = build(16 * M)
+    tiny(next(xs), dead_mask=torch.ones(16, dtype=torch.bool)).loss.backward()
+    del tiny
+    base = memory_now("cpu")
+    sae, rows = build(n)
+    dead = dead[rows]
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    ema = train.EMA(sae, 0.999)
+
+    def step():
+        out = sae(next(xs), dead_mask=dead)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.project_decoder_grad()
+        opt.step()
+        sae.normalize_decoder()
+        ema.update(sae)
+
+    step()
+    reset_peak("cpu")
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = memory_peak("cpu")
+    q.put((rank, statistics.median(times), None if base is None else peak - base))
+    if M > 1:
+        dist.destroy_process_group()
+
+
+def bench_latent_shards(shape, counts, args):
+    """For each shard count M: M processes of one thread each (args.threads) -> rows of M, the
+    slowest process's median step ms and the largest per-process peak memory, beside the model's
+    sharded state, 40 n d / M bytes (W_enc, W_dec: weights, gradients, Adam's two moments, EMA)."""
+    import socket
+    import torch.multiprocessing as mp
+    d, n, k, B = shape
+    rows = []
+    for M in counts:
+        if n % M:
+            raise gpt.UserError(f"--latent_shards {M} does not divide n_latents {n} of --shapes: use a divisor")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        q = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(_shard_worker, args=(M, port, shape, args, q), nprocs=M)
+        got = [q.get() for _ in range(M)]
+        peaks = [p for _, _, p in got if p is not None]
+        rows.append({"shards": M, "step_ms": 1e3 * max(t for _, t, _ in got),
+                     "peak_gb": max(peaks) / 2**30 if peaks else None, "state_gb": 40 * n * d / M / 2**30})
+    return {"d_model": d, "n_latents": n, "k": k, "batch": B, "threads_per_process": args.threads or 1,
+            "rows": rows}
+
+
+def print_shard_table(res):
+    r = res["latent_shards"]
+    print(f"device: {res['device']}; torch {res['torch']}; latent shards at d_model {r['d_model']}, n {r['n_latents']}, "
+          f"k {r['k']}, batch {r['batch']}, {r['threads_per_process']} thread(s) a process, dead latents "
+          f"{res['dead_frac']:.0%}; load average {res['load_avg'][0]:.1f} -> {res['load_avg'][1]:.1f}")
+    print("shards | step ms (slowest process) | peak GB a process | sharded state GB (40 n d / M)")
+    for row in r["rows"]:
+        peak = "-" if row["peak_gb"] is None else f"{row['peak_gb']:.3f}"
+        print(f"{row['shards']} | {row['step_ms']:.0f} | {peak} | {row['state_gb']:.3f}")
+
+
 def check_shapes(shapes):
     """--shapes: entries d_model,n_latents,k,batch, positive integers with k <= n_latents."""
     for s in shapes:
@@ -343,11 +434,16 @@ def check_shapes(shapes):
     return None
 
 
+def check_shard_counts(counts):
+    """--latent_shards: counts >= 1 (each divides the first shape's n_latents: checked when run)."""
+    return None if all(m >= 1 for m in counts) else "use shard counts >= 1"
+
+
 # what each flag accepts (gpt.check_flags); --screen is an argparse choice
 RULES = {"device": gpt.check_device, "shapes": check_shapes, "dead_frac": gpt.Number(0, 1), "warmup": gpt.Number(0, 1000),
          "runs": gpt.Number(1, 1000), "model": None,  # any: a missing model skips its rows, as --help says
          "act_contexts": gpt.Number(1, 1 << 20), "e2e_tokens": gpt.Number(1, 10 ** 10),
-         "e2e_shuffle": gpt.Number(1, 1 << 28), "threads": gpt.Number(0, 4096)}
+         "e2e_shuffle": gpt.Number(1, 1 << 28), "threads": gpt.Number(0, 4096), "latent_shards": check_shard_counts}
 
 
 def build_parser():
@@ -376,6 +472,9 @@ def build_parser():
     p.add_argument("--screen", choices=["auto", "on", "off"], default="auto",
                    help="the encoder's bf16 screen on CPU (kernels.py): auto uses it where the CPU has native "
                         "bf16 matmuls (AMX or AVX512-BF16); on and off force it, to compare on one machine")
+    p.add_argument("--latent_shards", type=int, nargs="+", metavar="M",
+                   help="instead of the grid: train.py --latent_shards steps with M gloo processes of --threads "
+                        "(default 1) threads each, for each M, at the first shape: per-process peak memory and step time")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -400,6 +499,12 @@ def main(argv=None):
     grid = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else GRIDS[grid]
     load = os.getloadavg()[0]  # other work on the machine skews every timing: reported with them
+    if args.latent_shards:  # only the sharding table, at the first shape, on CPU processes
+        res = {"device": f"cpu ({name})", "torch": torch.__version__, "dead_frac": args.dead_frac,
+               "latent_shards": bench_latent_shards(shapes[0], args.latent_shards, args)}
+        res["load_avg"] = [load, os.getloadavg()[0]]
+        print(json.dumps(res, indent=1)) if args.json else print_shard_table(res)
+        return res
     res = {"device": f"{args.device} ({name})", "torch": torch.__version__, "threads": torch.get_num_threads(),
            "dead_frac": args.dead_frac, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
            "bf16_screen": kernels._BF16_SCREEN,

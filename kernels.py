@@ -516,9 +516,18 @@ def merge_topk(vals, ids, k):
     lower id comes first, so the result does not depend on the candidates' order. (torch.topk
     has no such rule: the single-process path's tied latents come in its implementation's
     order; with distinct values both give the same latents.)"""
-    order = ids.argsort(dim=1, stable=True)  # (B, C): candidates by id
-    top = vals.gather(1, order).sort(dim=1, descending=True, stable=True).indices[:, :k]
-    pos = order.gather(1, top)
+    C = vals.shape[1]
+    top, pos = vals.topk(min(k + 1, C), dim=1)  # one more: a row whose k-th and (k+1)-th tie is unsure
+    pos = pos[:, :k]
+    if C > k:
+        tied = (top[:, k - 1] == top[:, k]).nonzero().squeeze(1)
+        if len(tied):  # which of the tied values are kept: by whole sorts, on those rows only
+            order = ids[tied].argsort(dim=1, stable=True)  # (T, C): candidates by id
+            best = vals[tied].gather(1, order).sort(dim=1, descending=True, stable=True).indices[:, :k]
+            pos[tied] = order.gather(1, best)
+    # the k in order: by id, then stably by value, so equal values keep the lower id first
+    pos = pos.gather(1, ids.gather(1, pos).argsort(dim=1, stable=True))
+    pos = pos.gather(1, vals.gather(1, pos).sort(dim=1, descending=True, stable=True).indices)
     return vals.gather(1, pos), ids.gather(1, pos), pos
 
 
@@ -575,7 +584,8 @@ class _ShardEncode(_SparseEncode):
         aux_vals, aux_idx = vals.new_zeros(len(x_c), 0), dead_idx
         if k_aux:
             pre_dead = torch.addmm(b_enc[dead_idx], x_c, W_enc[dead_idx].t())  # (B, n_dead here)
-            cand, local = pre_dead.topk(min(k_aux, len(dead_idx)), dim=1)
+            cand, local = (topk(pre_dead, min(k_aux, len(dead_idx))) if len(dead_idx)
+                           else (pre_dead, dead_idx.new_zeros(len(x_c), 0)))
             _, _, aux_rank = _gather_merge(cand, dead_idx[local] + shard.lo, k_aux, k_aux, shard)
             if len(dead_idx):
                 aux_vals, aux_idx = cand.relu().masked_fill_(aux_rank < 0, 0), dead_idx[local]
