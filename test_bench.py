@@ -64,3 +64,14 @@ def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
     t = res["train"]
     assert 0 < t["useful_share"] <= 1 and t["tokens_per_s"] > 0
     assert t["useful_share"] == pytest.approx((t["sae_step_s"] + t["subject_forward_s"]) / t["loop_s"])
+
+
+def test_bench_latent_shards_runs():
+    """--latent_shards 1 2 at a tiny shape: one row per shard count, the model's state 40 n d / M,
+    a step time and a peak memory each (None off Linux)."""
+    res = bench.main(["--latent_shards", "1", "2", "--shapes", "16,256,4,64", "--runs", "1", "--json"])
+    rows = res["latent_shards"]["rows"]
+    assert [r["shards"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["state_gb"] * 2**30 == pytest.approx(40 * 256 * 16 / r["shards"]) and r["step_ms"] > 0
+        assert r["peak_gb"] is None or r["peak_gb"] >= 0

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+import evals
 import gpt
 import train
 from conftest import TINY_SAE_ARGS
@@ -566,6 +567,11 @@ def test_latent_shards_match_one_process(shard_runs):
     one, one_ck = train.load_sae(str(shard_runs.ckpt("one")))
     assert sae.cfg.n_latents == 128 and ck["metrics"]["fvu"] == pytest.approx(one_ck["metrics"]["fvu"], rel=1e-4)
     torch.testing.assert_close(sae.W_dec, one.W_dec, rtol=0, atol=1e-6)
+    # --export (sparsify's layout) and evals.py's loader take the manifest as they take ckpt.pt
+    cfg = evals.main([str(ck_path), "--export", str(shard_runs.dir / "export")])
+    assert cfg["num_latents"] == 128
+    loaded = evals.load(str(ck_path))[0]
+    assert torch.equal(loaded.W_enc, sae.W_enc) and torch.equal(loaded.b_pre, sae.b_pre)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
@@ -601,7 +607,7 @@ def test_latent_shards_bad_input(tiny_gpt_ckpt, tmp_path, monkeypatch):
     n_latents, a ReLU SAE."""
     base = ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--n_latents", "128", "--k", "4"]
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(gpt.UserError, match="--latent_shards 2 needs one process per shard: run torchrun"):
+    with pytest.raises(gpt.UserError, match="--latent_shards 2 needs one process per shard: run it under torchrun"):
         train.parse(base + ["--latent_shards", "2"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(gpt.UserError, match="--latent_shards 3 does not divide the 4 processes"):

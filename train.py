@@ -4,6 +4,7 @@ train.py: train a sparse autoencoder on a language model's residual stream.
     python train.py --n_latents 32768 --k 32          # the default: bundled char-level Shakespeare GPT
     python train.py --model gpt2 --layer 8 --n_latents 32768 --k 32 --tokens 200_000_000   # on a GPU
     torchrun --nproc_per_node=8 train.py -- --model gpt2 --layer 8 ...   # data-parallel on 8 GPUs
+    torchrun --nproc_per_node=8 train.py -- ... --latent_shards 8        # the latents split over 8 GPUs
 
 Pipeline, top to bottom: the subject model and its text (gpt.py) -> an activation stream
 (residuals after block `layer`, generated in chunks or read from an on-disk cache, shuffled
@@ -780,8 +781,8 @@ def check_latent_shards(c):
     if m == 1:
         return
     if "WORLD_SIZE" not in os.environ:
-        raise UserError(f"--latent_shards {m} needs one process per shard: run torchrun --nproc_per_node={m} "
-                        f"train.py -- ... (or a multiple of {m} processes), or pass --latent_shards 1")
+        raise UserError(f"--latent_shards {m} needs one process per shard: run it under torchrun "
+                        f"--nproc_per_node={m} train.py -- ... (or a multiple of {m} processes)")
     if world % m:
         raise UserError(f"--latent_shards {m} does not divide the {world} processes: use a divisor of {world}, "
                         f"or torchrun --nproc_per_node with a multiple of {m}")
@@ -1003,7 +1004,8 @@ _PER_LATENT = ("sae", "ema", "optimizer", "tokens_since_fired")
 
 def save_sharded(run, metrics):
     """Write this shard's file (replica 0 only), then the manifest (rank 0), and remove the
-    shard files of earlier checkpoints; every process calls it."""
+    shard files of earlier checkpoints; every process calls it. -> run.checkpoint(metrics),
+    this shard's rows (what train() returns on each process)."""
     grid, run_dir = run.grid, os.path.dirname(run.ckpt_path)
     m, shard = grid.shard.count, grid.shard
     ck = run.checkpoint(metrics)
