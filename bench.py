@@ -171,7 +171,8 @@ def bench_shape(d, n, k, B, args):
     # on CPU also the bf16 matmul, the floor of the encoder's bf16 screen (kernels.py) on AMX
     W16, x16, buf16 = W.bfloat16(), xc.bfloat16(), torch.zeros(B, n, dtype=torch.bfloat16, device=device)
     base = memory_now(device)
-    sae = SAE(SAEConfig(d_model=d, n_latents=n, k=k)).to(device)
+    sae = SAE(SAEConfig(d_model=d, n_latents=n, k=k, activation=args.activation,
+                        matryoshka=train.prefixes(args.matryoshka))).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True)  # as train.py
     dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < args.dead_frac
     dead = dead.to(device)
@@ -292,6 +293,7 @@ def print_table(res):
     print(f"device: {res['device']}; torch {res['torch']}; {res['threads']} threads; load average "
           f"{res['load_avg'][0]:.1f} -> {res['load_avg'][1]:.1f}; dead latents {res['dead_frac']:.0%}; "
           f"bf16 screen {'on' if res['bf16_screen'] else 'off'}; "
+          f"SAE {res['activation']}" + (f", Matryoshka {res['matryoshka']}" if res["matryoshka"] else "") + "; "
           f"THP_MEM_ALLOC_ENABLE={res['thp']}")
     head = ["d_model", "n", "k", "batch", "mm", "mm+topk", "mm bf16", "fast", "fast0", "dense", "fast/mm",
             "fast/mm+topk", "fast0/mm", "fast/mm bf16", "fast/dense", "mem GB", "mem/budget"]
@@ -472,6 +474,8 @@ def build_parser():
     p.add_argument("--screen", choices=["auto", "on", "off"], default="auto",
                    help="the encoder's bf16 screen on CPU (kernels.py): auto uses it where the CPU has native "
                         "bf16 matmuls (AMX or AVX512-BF16); on and off force it, to compare on one machine")
+    p.add_argument("--activation", choices=["topk", "batchtopk"], default="topk", help=train.HELP["activation"])
+    p.add_argument("--matryoshka", default="", help=train.HELP["matryoshka"])
     p.add_argument("--latent_shards", type=int, nargs="+", metavar="M",
                    help="instead of the grid: train.py --latent_shards steps with M gloo processes of --threads "
                         "(default 1) threads each, for each M, at the first shape: per-process peak memory and step time")
@@ -506,7 +510,8 @@ def main(argv=None):
         print(json.dumps(res, indent=1)) if args.json else print_shard_table(res)
         return res
     res = {"device": f"{args.device} ({name})", "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "dead_frac": args.dead_frac, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+           "dead_frac": args.dead_frac, "activation": args.activation, "matryoshka": args.matryoshka,
+           "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
            "bf16_screen": kernels._BF16_SCREEN,
            "shapes": [bench_shape(*s, args) for s in shapes], "activations": None, "train": None}
     if args.no_train:

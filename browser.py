@@ -124,6 +124,8 @@ def prompt_view(model, sae, tok, layer, text, include_first):
         raise UserError("--text is empty: give the prompt to show, e.g. --text 'To be, or not to be'")
     h = model.resid(torch.tensor([ids], device=sae.b_pre.device), layer)[0].float()
     vals, idx = evals.encode_sorted(sae, sae.normalize_input(h)[0], explanations.own_k(sae) or 1)[:2]
+    if sae.cfg.activation == "batchtopk":
+        vals = sae.jumprelu(vals)
     view = []
     for p, i in enumerate(ids):
         top = None if p == 0 and not include_first else [(int(l), float(v)) for v, l in
@@ -329,7 +331,7 @@ function badges(l) {
 (function header() {
   const m = D.meta;
   $("#sub").textContent = `${m.checkpoint} (${m.weights} weights) \u00b7 n_latents ${m.n_latents.toLocaleString()} \u00b7 ` +
-    (m.activation === "topk" ? `TopK k ${m.k}` : "ReLU") + ` \u00b7 subject ${m.subject}, layer ${m.layer} \u00b7 ` +
+    m.label + ` \u00b7 subject ${m.subject}, layer ${m.layer} \u00b7 ` +
     `${N.toLocaleString()} held-out tokens \u00b7 ${L.length} latents listed, ${m.n_dead.toLocaleString()} dead in all`;
   for (const [k, v] of D.metrics) $("#chips").append(el("span", {class: "chip"}, `${k} ${v}`));
   $("#rule").textContent = "listed: " + m.rule;

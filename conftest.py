@@ -32,8 +32,18 @@ def tiny_sae_ckpt(tiny_gpt_ckpt, tmp_path_factory):
     return str(d / "tiny" / "ckpt.pt")
 
 
+@pytest.fixture(scope="session")
+def tiny_batchtopk_ckpt(tiny_gpt_ckpt, tmp_path_factory):
+    """Path of a tiny Matryoshka BatchTopK SAE checkpoint (n=128, k=4, prefixes 32, 64)."""
+    d = tmp_path_factory.mktemp("runs")
+    train.main(["--model", tiny_gpt_ckpt, "--out_dir", str(d), "--run", "tiny", *TINY_SAE_ARGS,
+                "--activation", "batchtopk", "--matryoshka", "32,64"])
+    return str(d / "tiny" / "ckpt.pt")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
+
     """Tiny shapes: one thread avoids OpenMP overhead, which dominates on a busy 2-core box."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

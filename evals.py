@@ -156,10 +156,15 @@ class Heldout:
     vals: torch.Tensor     # (N, K) code values sorted descending, ReLU'd, K >= 4k: a prefix of
     idx: torch.Tensor      # length k' is the TopK(k') code (paper §5.3); (N, K) latent ids
     peak: torch.Tensor     # (n_latents,) each latent's largest pre-activation over the N tokens
+    threshold: float | None = None  # a BatchTopK SAE's inference threshold (sae.py: a JumpReLU)
 
     def code(self, k=None):
-        """(vals, idx) of the TopK(k) code; k=None: the SAE's own code (all of a ReLU SAE's)."""
-        return self.vals[:, :k], self.idx[:, :k]
+        """(vals, idx) of the TopK(k) code; k=None: the SAE's own code (all of a ReLU SAE's, the
+        values above the threshold of a BatchTopK SAE's)."""
+        vals = self.vals[:, :k]
+        if k is None and self.threshold is not None:
+            vals = vals * (vals > self.threshold)
+        return vals, self.idx[:, :k]
 
     def positions(self):
         """(N,) offset in the held-out ids of each row's token."""
@@ -188,16 +193,20 @@ def heldout(model, sae, val_ids, layer, ctx_len, include_first, n_tokens, k_max)
     vals = torch.cat([F.pad(v, (0, K - v.shape[1])) for v, _, _ in codes])
     idx = torch.cat([F.pad(i, (0, K - i.shape[1])) for _, i, _ in codes])
     peak = torch.stack([p for _, _, p in codes]).max(0).values
-    return Heldout(windows, starts, len(val_ids), first, h, x, x_n, mu, scale, vals, idx, peak)
+    threshold = float(sae.threshold) if sae.cfg.activation == "batchtopk" else None
+    return Heldout(windows, starts, len(val_ids), first, h, x, x_n, mu, scale, vals, idx, peak, threshold)
 
 
 def encode_sorted(sae, x_n, k_max):
     """Normalized (B, d) -> (vals, idx) (B, K) sorted descending and ReLU'd, and each latent's
     largest pre-activation (n_latents,). TopK SAE: K = k_max; ReLU SAE: every positive
-    pre-activation (TopK(k') on it is again a prefix)."""
+    pre-activation (TopK(k') on it is again a prefix); BatchTopK SAE: at least every
+    pre-activation above its threshold."""
     pre = sae.preacts(x_n)  # (B, n_latents)
     if sae.cfg.activation == "relu":
         k_max = max(1, int((pre > 0).sum(1).max()))
+    if sae.cfg.activation == "batchtopk":
+        k_max = max(k_max, int((pre > sae.threshold).sum(1).max()))
     vals, idx = pre.topk(min(k_max, pre.shape[1]), dim=1, sorted=True)
     return vals.relu(), idx, pre.max(0).values
 
@@ -593,10 +602,18 @@ def saebench_core(sae, data):
 # The report: a plain-text table, eval.json, PNGs
 
 
+def sae_label(sae):
+    """The SAE's kind in a few words, for the report and the browser's header."""
+    cfg = sae.cfg
+    label = {"topk": f"TopK k {cfg.k}", "relu": "ReLU + L1",
+             "batchtopk": f"BatchTopK k {cfg.k}, evaluated as JumpReLU at {float(getattr(sae, 'threshold', 0)):.4g}"}
+    nested = f", Matryoshka prefixes {', '.join(map(str, cfg.matryoshka))}" if cfg.matryoshka else ""
+    return label[cfg.activation] + ", Multi-TopK" * cfg.multi_topk + nested
+
+
 def report(res, meta):
     """The plain-text table, grouped by section."""
-    lines = [f"{meta['checkpoint']}  ({meta['weights']} weights)  n_latents {meta['n_latents']:,}  "
-             + (f"TopK k {meta['k']}" if meta["activation"] == "topk" else "ReLU"),
+    lines = [f"{meta['checkpoint']}  ({meta['weights']} weights)  n_latents {meta['n_latents']:,}  {meta['label']}",
              f"subject {meta['subject']}  layer {meta['layer']}  held-out: {meta['windows']} contexts of "
              f"{meta['ctx_len']} tokens, {meta['tokens']:,} evaluated (position 0 "
              f"{'included' if meta['first'] == 0 else 'excluded'})", ""]
@@ -653,7 +670,7 @@ def report(res, meta):
         row(f"latents / random directions ({r['samples']} samples)", f"{f(r['mean_latent'])} / {f(r['mean_random'])}")
     if "progressive" in res:
         r = res["progressive"]
-        lines.append(f"7. Progressive recovery (§5.3): test-time TopK(k'), trained k = {r['k']}")
+        lines.append(f"7. Progressive recovery (§5.3): test-time TopK(k'), centred on k = {r['k']} (the trained k; a ReLU or BatchTopK SAE's L0)")
         lines.append(f"    {'k':>6}{'FVU':>10}{'delta CE':>12}")
         for p in r["points"]:
             lines.append(f"    {p['k']:>6}{p['fvu']:>10.4f}{p['delta_ce']:>+12.4f}")
@@ -729,7 +746,7 @@ def main(argv=None):
     t0 = time.time()
     with torch.no_grad():
         data = heldout(model, sae, val_ids, layer, subject["ctx_len"], subject["include_first"], args.tokens,
-                       4 * (k or 1))
+                       4 * (sae.cfg.k if sae.cfg.activation != "relu" else 1))
         if args.text and not args.html:  # the prompt view alone
             import browser
             return browser.run(args, model, sae, tok, data, layer, {}, {}, "")
@@ -755,7 +772,9 @@ def main(argv=None):
     imported = os.path.isdir(args.path)
     meta = {"checkpoint": args.path, "weights": "imported" if imported else "raw" if args.raw else "EMA",
             "n_latents": sae.cfg.n_latents,
-            "k": sae.cfg.k, "activation": sae.cfg.activation, "subject": subject["model"], "layer": layer,
+            "k": sae.cfg.k, "activation": sae.cfg.activation, "label": sae_label(sae),
+            "subject": subject["model"], "layer": layer,
+
             "ctx_len": subject["ctx_len"], "windows": len(data.windows), "tokens": len(data.x), "first": data.first}
     print(report(res, meta))
     prefix = os.path.join(os.path.abspath(args.path) if imported else os.path.dirname(os.path.abspath(args.path)),

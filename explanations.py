@@ -10,7 +10,7 @@ from gpt import UserError
 
 
 def own_k(sae):
-    """The SAE's own code: TopK(k), or None for the whole ReLU code."""
+    """The SAE's own code: TopK(k), or None for the whole ReLU code and BatchTopK's JumpReLU code."""
     return sae.cfg.k if sae.cfg.activation == "topk" else None
 
 
@@ -111,11 +111,13 @@ def prf(pred, actual):
 
 def latent_values(sae, x, latents, k):
     """Raw residuals (B, d) -> (B,) value of latents[b] in the SAE code of x[b] (0 when outside
-    the TopK or negative: the code z, not the pre-activation)."""
+    the TopK, below a BatchTopK SAE's threshold, or negative: the code z, not the pre-activation)."""
     pre = sae.preacts(sae.normalize_input(x)[0])  # (B, n_latents)
     v = pre.gather(1, latents[:, None])[:, 0]
     if k is not None:
         v = torch.where(v >= pre.topk(k, dim=1).values[:, -1], v, 0.0)
+    elif sae.cfg.activation == "batchtopk":
+        v = sae.jumprelu(v)
     return v.relu()
 
 

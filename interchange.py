@@ -44,7 +44,8 @@ def export_sparsify(path, out_dir, raw=False):
     from safetensors.torch import save_file
     sae, ck = train.load_sae(path, ema=not raw)
     if sae.cfg.activation != "topk":
-        raise UserError(f"{path}: a ReLU SAE has no sparsify equivalent (sparsify's SAEs are TopK); export a TopK one")
+        kind = {"relu": "a ReLU SAE", "batchtopk": "a BatchTopK SAE (a JumpReLU once trained)"}[sae.cfg.activation]
+        raise UserError(f"{path}: {kind} has no sparsify equivalent (sparsify's SAEs are TopK); export a TopK one")
     subject = ck.get("subject") or {}
     cfg = {"d_in": sae.cfg.d_model, "num_latents": sae.cfg.n_latents, "k": sae.cfg.k,
            "expansion_factor": max(1, sae.cfg.n_latents // sae.cfg.d_model),  # an int there; num_latents rules

@@ -32,8 +32,12 @@ def sparse_recon(sae, x_n, k_top, dead_idx, k_aux):
     dense encoder matmul; everything after it costs O(B * (k_top + k_aux) * d), or
     O(B * n_dead * d) in dense matmuls while few latents are dead."""
     k = sae.cfg.k
-    vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
-        x_n, sae.W_enc, sae.b_enc, sae.b_pre, k_top, dead_idx, k_aux, sae._scratch)
+    if sae.cfg.activation == "batchtopk":
+        vals, idx, aux_vals, aux_idx = _batch_topk_encode(sae, x_n, dead_idx, k_aux)
+        k = k_top = vals.shape[1]
+    else:
+        vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
+            x_n, sae.W_enc, sae.b_enc, sae.b_pre, k_top, dead_idx, k_aux, sae._scratch)
     codes = [(vals[:, :k], idx[:, :k])]
     if k_top > k:  # L(4k) reuses the k-code reconstruction and adds the next 3k latents
         codes.append((vals[:, k:], idx[:, k:]))
@@ -46,7 +50,34 @@ def sparse_recon(sae, x_n, k_top, dead_idx, k_aux):
     return vals, idx, x_hat, x_hat_multi, e_hat
 
 
+def _batch_topk_encode(sae, x_n, dead_idx, k_aux):
+    """BatchTopK's code (sae.py): vals, idx (B, K), each token's share of the batch's top k * B,
+    sorted and zero-padded to the largest share K, and the AuxK code. From each token's top K_c
+    candidates (the TopK encoder's), of which the batch keeps its top k * B: exact unless a
+    token's K_c-th candidate is above the batch's threshold, when the token may hold more
+    winners than it has candidates; then K_c doubles and the encoder runs again. The K_c that
+    sufficed is kept for the next step."""
+    B, n, k = len(x_n), sae.cfg.n_latents, sae.cfg.k
+    K_c = min(n, sae._scratch.get("batch_candidates", 2 * k))
+    while True:
+        vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
+            x_n, sae.W_enc, sae.b_enc, sae.b_pre, K_c, dead_idx, k_aux, sae._scratch)
+        v = vals.detach()
+        top = v.flatten().topk(k * B)  # the batch's winners among the candidates
+        if K_c == n or not bool((v[:, -1] > top.values[-1]).any()):
+            break
+        K_c = min(n, 2 * K_c)
+    sae._scratch["batch_candidates"] = K_c
+    # each token keeps a prefix of its sorted candidates, as many as it has winners (between
+    # tied values the prefix, not topk's pick: the same values)
+    share = torch.zeros(B * K_c, dtype=torch.int32, device=v.device).index_fill_(0, top.indices, 1).view(B, K_c).sum(1)
+    K = max(1, int(share.max()))
+    keep = torch.arange(K, device=v.device) < share.unsqueeze(1)  # (B, K)
+    return vals[:, :K] * keep, idx[:, :K], aux_vals, aux_idx
+
+
 def row_chunks(m):
+
     """An (n, d) matrix as chunks of rows, _ROW_CHUNK elements each on CPU: a row-wise op done
     chunk by chunk reads each chunk back from cache instead of memory, and a temporary such
     as vecdot's product stays small and is reused from the heap instead of mapped afresh.

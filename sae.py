@@ -1,14 +1,18 @@
 """A TopK sparse autoencoder, after Gao et al. 2024, "Scaling and evaluating sparse
 autoencoders" (arXiv 2406.04093), in the paper's order: input normalization (§2.1), the
 TopK encoder (§2.3), the decoder and the FVU loss (§2.1), AuxK for dead latents (§2.4,
-App. A.2), Multi-TopK (§5.3), the ReLU + L1 baseline (§2.2), then the initialization and
-the decoder constraint (App. A.1). SAE.recon_dense is the whole training forward in plain
-torch ops; the fast path that training runs (kernels.py) gives the same numbers.
+App. A.2), Multi-TopK (§5.3), the ReLU + L1 baseline (§2.2), TopK's successors since the
+paper (BatchTopK, Matryoshka), then the initialization and the decoder constraint (App. A.1).
+SAE.recon_dense is the whole training forward in plain torch ops; the fast path that
+training runs (kernels.py) gives the same numbers.
 
 Citation tags, used the same way in every file of the project:
   paper §N   the paper's text, section N (or App. A.N);
   [code]     the released openai/sparse_autoencoder, where it differs from or adds to the text;
   [peers]    what EleutherAI's sparsify, SAELens and dictionary_learning do;
+  BatchTopK  Bussmann et al. 2024, "BatchTopK Sparse Autoencoders" (arXiv 2412.06410);
+  Matryoshka Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
+             Autoencoders" (arXiv 2503.09532);
   [recalled] a figure of the paper as its readers' notes give it, not checked against the text
              (only scaling.py's joint-law coefficients, printed beside this project's fit).
 
@@ -36,9 +40,14 @@ class SAEConfig:
     k: int = 32  # active latents per token (TopK)
     k_aux: int | None = None  # AuxK latents per token; None -> min(d_model // 2, n_latents)
     auxk_coef: float = 1 / 32  # alpha: paper App. A.2, as [code]
-    activation: str = "topk"  # "topk" or "relu" (the ReLU + L1 baseline, paper §2.2)
+    # "topk"; "batchtopk" (BatchTopK: the top k * B of a batch of B tokens, k per token on
+    # average); "relu" (the ReLU + L1 baseline, paper §2.2)
+    activation: str = "topk"
     l1_coef: float = 0.0  # L1 weight, ReLU baseline only
     multi_topk: bool = False  # paper §5.3: train on L(k) + L(4k)/8
+    # Matryoshka: inner prefix sizes m_1 < m_2 < ... < n_latents; latents 0..m_j-1 must also
+    # reconstruct on their own, each prefix with its own FVU term. () is off.
+    matryoshka: tuple = ()
     normalize: bool = True  # paper §2.1: per-token mean removal and unit norm
 
     def __post_init__(self):
@@ -56,11 +65,16 @@ class SAEConfig:
             self.k_aux = max(1, min(self.d_model // 2, self.n_latents))
         check("k_aux", 1 <= self.k_aux <= self.n_latents, f"in [1, n_latents={self.n_latents}]")
         check("auxk_coef", self.auxk_coef >= 0, ">= 0")
-        check("activation", self.activation in ("topk", "relu"), "'topk' or 'relu'")
+        check("activation", self.activation in ("topk", "batchtopk", "relu"), "'topk', 'batchtopk' or 'relu'")
         check("l1_coef", self.l1_coef >= 0 and (self.l1_coef == 0 or self.activation == "relu"),
               ">= 0, and 0 unless activation='relu'")
-        check("multi_topk", not (self.multi_topk and self.activation == "relu"),
-              "False when activation='relu'")
+        check("multi_topk", not (self.multi_topk and self.activation != "topk"),
+              "False unless activation='topk'")
+        self.matryoshka = tuple(int(m) for m in self.matryoshka)  # a checkpoint's JSON gives a list
+        m = self.matryoshka
+        check("matryoshka", not m or (self.activation != "relu" and not self.multi_topk and 1 <= m[0]
+                                      and all(a < b for a, b in zip(m, m[1:])) and m[-1] < self.n_latents),
+              f"increasing sizes in [1, n_latents={self.n_latents}), with a TopK or BatchTopK code and no Multi-TopK")
 
 
 @dataclass
@@ -70,9 +84,10 @@ class SAEOutput:
     fvu: torch.Tensor  # main reconstruction FVU, k code, normalized space
     aux_loss: torch.Tensor  # AuxK FVU of the residual, 0 when nothing is dead
     multi_loss: torch.Tensor  # FVU of the 4k code, 0 unless multi_topk
+    nested_loss: torch.Tensor  # sum of the inner Matryoshka prefixes' FVUs, 0 unless matryoshka
     l1: torch.Tensor  # decoder-norm-weighted L1 of the code, 0 unless relu
     l0: torch.Tensor  # scalar, mean number of non-zero latents per token
-    vals: torch.Tensor  # (B, k) code values >= 0 (relu: (B, n_latents) dense)
+    vals: torch.Tensor  # (B, k) code values >= 0 (relu: (B, n_latents) dense; batchtopk: (B, K), zero-padded)
     idx: torch.Tensor  # (B, k) latent indices of vals
     fired: torch.Tensor  # (n_latents,) bool: some token has a value > 0 in this batch
     x_hat: torch.Tensor  # (B, d_model) reconstruction in the caller's space (detached)
@@ -94,6 +109,8 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.clone())  # (n_latents, d_model)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))  # set by init_b_pre
+        if cfg.activation == "batchtopk":  # BatchTopK's inference threshold (update_threshold); < 0: none yet
+            self.register_buffer("threshold", torch.tensor(-1.0))
         self._scratch = {}  # the fast path's buffers kept across steps on CPU (kernels.py); not state
 
     # ---- paper §2.1: input normalization ----
@@ -125,6 +142,8 @@ class SAE(nn.Module):
         if k is None and self.cfg.activation == "relu":
             vals = self.preacts(x_n).relu()
             return vals, torch.arange(self.cfg.n_latents, device=vals.device).expand_as(vals)
+        if k is None and self.cfg.activation == "batchtopk":  # per token, with no batch: JumpReLU
+            return self.jumprelu_code(self.preacts(x_n))
         k = self._check_k(self.cfg.k if k is None else k)
         # [code]: z = ReLU(TopK(W_enc (x - b_pre) + b_enc)). The paper's equation has no
         # b_enc and no ReLU; the ReLU zeroes kept values that are negative.
@@ -175,6 +194,8 @@ class SAE(nn.Module):
         zero = x_n.new_zeros(())
         if cfg.activation == "relu":
             return self._forward_relu(x_n, mu, scale, zero)
+        if cfg.activation == "batchtopk" and not self.training:  # evaluation: the threshold code
+            return self._forward_threshold(x_n, mu, scale, zero)
         dead_idx = self._check_dead_mask(dead_mask, x_n.device)
         k_aux = min(cfg.k_aux, dead_idx.numel())  # 0 when nothing is dead
         k_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
@@ -183,52 +204,70 @@ class SAE(nn.Module):
         else:  # the fast path: the same numbers, O(B (k_top + k_aux) d) after the encoder matmul
             vals, idx, x_hat, x_hat_multi, e_hat = kernels.sparse_recon(self, x_n, k_top, dead_idx, k_aux)
 
+        if cfg.activation == "topk":  # BatchTopK's code is all of vals, a varying count per token
+            vals, idx = vals[:, :cfg.k], idx[:, :cfg.k]
         main = fvu(x_n, x_hat)
-        multi = zero
+        multi = nested = zero
         if cfg.multi_topk:  # paper §5.3: L(k) + L(4k) / 8, for progressive codes
             multi = fvu(x_n, x_hat_multi)
+        if cfg.matryoshka:  # Matryoshka: each inner prefix of the dictionary reconstructs alone
+            nested = sum(fvu(x_n, x_hat_m) for x_hat_m in self.prefix_recons(vals, idx, dense))
         aux = zero
         if k_aux > 0:
             # paper §2.4, App. A.2: the top-k_aux dead latents model the detached residual
             # e, with no b_pre; [code]: normalized like the main loss and zeroed if NaN.
             e = (x_n - x_hat).detach()
             aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
-        loss = self.total_loss(main, multi, aux, zero)
-        vals, idx = vals[:, :cfg.k].detach(), idx[:, :cfg.k]
-        # (n_latents,) bool; a scatter, not fired[idx[vals > 0]] = True, whose boolean
-        # indexing makes a GPU wait for the whole step before queueing the next
-        fired = torch.zeros(cfg.n_latents, dtype=torch.int32, device=idx.device).index_add_(
+        loss = self.total_loss(main, multi, aux, zero, nested=nested)
+        vals = vals.detach()
+        return SAEOutput(loss, main, aux, multi, nested, zero, (vals > 0).sum(1).float().mean(), vals, idx,
+                         self._fired(vals, idx), self.denormalize(x_hat.detach(), mu, scale))
+
+    def _fired(self, vals, idx):
+        """(n_latents,) bool; a scatter, not fired[idx[vals > 0]] = True, whose boolean
+        indexing makes a GPU wait for the whole step before queueing the next."""
+        return torch.zeros(self.cfg.n_latents, dtype=torch.int32, device=idx.device).index_add_(
             0, idx.reshape(-1), (vals > 0).reshape(-1).int()) > 0
-        return SAEOutput(loss, main, aux, multi, zero,
-                         (vals > 0).sum(1).float().mean(), vals, idx, fired,
-                         self.denormalize(x_hat.detach(), mu, scale))
 
     def recon_dense(self, x_n, k_top, dead_idx, k_aux):
         """The reference for forward's codes and reconstructions, in dense (B, n_latents)
         codes and matmuls; autograd does the rest. Normalized x_n (B, d) -> vals, idx (B, k_top)
         sorted descending (the top k first, then Multi-TopK's next latents), x_hat (k code),
-        x_hat_multi (k_top code), e_hat (AuxK's k_aux code over the dead latents, no b_pre)."""
+        x_hat_multi (k_top code), e_hat (AuxK's k_aux code over the dead latents, no b_pre).
+        BatchTopK: vals, idx (B, K) hold each token's share of the batch's top k * B, sorted,
+        zero-padded to the largest share K."""
         k = self.cfg.k
         pre = self.preacts(x_n)  # (B, n_latents)
-        idx = pre.detach().topk(k_top, dim=1).indices  # sorted: the top k come first
 
         def dense_code(i):  # (B, n_latents): ReLU'd pre-activations at i, zero elsewhere
             return torch.zeros_like(pre).scatter(1, i, pre.gather(1, i)).relu()
 
-        x_hat = dense_code(idx[:, :k]) @ self.W_dec + self.b_pre
+        if self.cfg.activation == "batchtopk":  # the top k * B pre-activations of the whole batch
+            top = pre.detach().flatten().topk(k * len(pre)).indices  # (k * B,) into the flattened pre
+            keep = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, top, True)
+            z = pre.relu() * keep.view_as(pre)  # (B, n_latents)
+            k = k_top = max(1, int(keep.view_as(pre).sum(1).max()))  # the largest share of a token
+            idx = z.detach().topk(k_top, dim=1).indices
+            x_hat = z @ self.W_dec + self.b_pre
+        else:
+            idx = pre.detach().topk(k_top, dim=1).indices  # sorted: the top k come first
+            z = pre.relu()  # where vals are read
+            x_hat = dense_code(idx[:, :k]) @ self.W_dec + self.b_pre
         x_hat_multi = dense_code(idx) @ self.W_dec + self.b_pre if k_top > k else x_hat
         e_hat = None
         if k_aux:  # the top k_aux among the dead latents only
             live = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device).index_fill_(0, dead_idx, False)
             aux_idx = pre.detach().masked_fill(live, float("-inf")).topk(k_aux, dim=1).indices
             e_hat = dense_code(aux_idx) @ self.W_dec
-        return pre.gather(1, idx).relu().detach(), idx, x_hat, x_hat_multi, e_hat
+        return z.gather(1, idx), idx, x_hat, x_hat_multi, e_hat
 
-    def total_loss(self, fvu_k, fvu_4k, aux, l1, w_x=1.0, w_e=1.0):
-        """The training loss from its terms: FVU + FVU(4k) / 8 (Multi-TopK) + auxk_coef * AuxK
-        + l1_coef * L1 (ReLU baseline). w_x, w_e rescale the terms normalized by the input's
-        and the residual's variance (train.py's data-parallel loss uses them)."""
-        return w_x * (fvu_k + fvu_4k / 8) + self.cfg.auxk_coef * w_e * aux + self.cfg.l1_coef * l1
+
+    def total_loss(self, fvu_k, fvu_4k, aux, l1, w_x=1.0, w_e=1.0, nested=0.0):
+        """The training loss from its terms: FVU + FVU(4k) / 8 (Multi-TopK) + the inner
+        prefixes' FVUs (Matryoshka) + auxk_coef * AuxK + l1_coef * L1 (ReLU baseline). w_x, w_e
+        rescale the terms normalized by the input's and the residual's variance (train.py's
+        data-parallel loss uses them)."""
+        return w_x * (fvu_k + fvu_4k / 8 + nested) + self.cfg.auxk_coef * w_e * aux + self.cfg.l1_coef * l1
 
     def _forward_relu(self, x_n, mu, scale, zero):
         z = self.preacts(x_n).relu()  # (B, n_latents), the dense ReLU code
@@ -238,9 +277,59 @@ class SAE(nn.Module):
         # rows cannot lower it; mean over the batch of sum_i z_i ||W_dec_i||.
         l1 = (z @ self.W_dec.norm(dim=1)).mean()
         idx = torch.arange(self.cfg.n_latents, device=z.device).expand_as(z)
-        return SAEOutput(self.total_loss(main, zero, zero, l1), main, zero, zero, l1,
+        return SAEOutput(self.total_loss(main, zero, zero, l1), main, zero, zero, zero, l1,
                          (z > 0).sum(1).float().mean(), z.detach(), idx, (z > 0).any(0),
                          self.denormalize(x_hat.detach(), mu, scale))
+
+    # ---- since the paper: BatchTopK and Matryoshka ----
+    # BatchTopK trains on the top k * B pre-activations of a batch of B tokens (recon_dense;
+    # kernels.sparse_recon), so that a token gets as many latents as it needs, k on average. A
+    # code that depends on the batch cannot be used on one token, so the batch's threshold is
+    # tracked in training and the evaluated SAE is a JumpReLU at it. Matryoshka nests prefixes of
+    # the dictionary, each trained to reconstruct (forward adds their FVUs to the loss), so that
+    # the first latents learn general features and later ones do not absorb them.
+
+    def jumprelu_code(self, pre):
+        """BatchTopK at inference: pre-activations (B, n_latents) -> (vals, idx) (B, K), each
+        token's pre-activations above the threshold, sorted, zero-padded to the largest count K."""
+        vals, idx = kernels.topk(pre, max(1, int((pre > self.threshold).sum(1).max())))
+        return self.jumprelu(vals), idx
+
+    def jumprelu(self, pre):
+        """Pre-activations (any shape) -> the JumpReLU code: pre where it is above the threshold, else 0."""
+        if self.threshold < 0:
+            raise ValueError("this BatchTopK SAE has no inference threshold yet: it is estimated in "
+                             "training (update_threshold), so train it first, or pass k")
+        return pre * (pre > self.threshold)
+
+    @torch.no_grad()
+    def update_threshold(self, kept_min, lr=0.1):
+        """BatchTopK's threshold, as [peers] estimate it: a moving average of each training batch's
+        smallest kept activation kept_min, its first value at the first step. Their rates (SAELens
+        0.01; dictionary_learning 0.001 from step 1000) suit runs of 10^5 steps; here runs have
+        ~1,000 and the threshold falls as training goes, so a slow average lags behind it and
+        the JumpReLU code is too sparse. The batch's k * B-th activation is an order statistic of
+        many values and varies little between batches, so the faster rate 0.1 costs little noise."""
+        if torch.isfinite(kept_min):  # inf: nothing fired in the batch
+            self.threshold.copy_(kept_min if self.threshold < 0 else self.threshold.lerp(kept_min, lr))
+
+    def prefix_recons(self, vals, idx, dense=False):
+        """Matryoshka: the code (vals, idx) (B, K), normalized space -> the reconstruction (B, d)
+        by each inner prefix m of cfg.matryoshka, from the code's latents < m alone; dense: by
+        dense (B, n_latents) codes, the reference for the fast path's sparse decode."""
+        codes = [(vals * (idx < m), idx) for m in self.cfg.matryoshka]
+        if dense:
+            z0 = vals.new_zeros(len(vals), self.cfg.n_latents)
+            return [self.decode(z0.scatter(1, i, v)) for v, i in codes]
+        return [x + self.b_pre for x in kernels.sparse_decode(self.W_dec, codes)]
+
+    def _forward_threshold(self, x_n, mu, scale, zero):
+        """BatchTopK in eval mode: the JumpReLU code, its FVU and L0, no training terms."""
+        vals, idx = self.encode_sparse(x_n)
+        x_hat = self.decode_sparse(vals, idx)
+        main = fvu(x_n, x_hat)
+        return SAEOutput(main, main, zero, zero, zero, zero, (vals > 0).sum(1).float().mean(), vals, idx,
+                         self._fired(vals, idx), self.denormalize(x_hat, mu, scale))
 
     # ---- paper App. A.1: initialization and the decoder constraint ----
 
@@ -264,7 +353,9 @@ class SAE(nn.Module):
         seed = int(torch.randint(2**62, (1,)))
         g = torch.Generator(device=self.W_enc.device).manual_seed(seed)
         u = F.normalize(torch.randn(n_samples, self.cfg.d_model, generator=g, device=self.W_enc.device), dim=1)
-        x_hat_n = self.decode_sparse(*self.encode_sparse(u + self.b_pre)) - self.b_pre  # (n_samples, d)
+        k = None if self.cfg.activation == "relu" else self.cfg.k  # BatchTopK: k per token, its mean
+        x_hat_n = self.decode_sparse(*self.encode_sparse(u + self.b_pre, k)) - self.b_pre  # (n_samples, d)
+
         self.W_enc.div_(x_hat_n.norm(dim=1).mean().clamp_min(1e-12))
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 scaling.py: the scaling-law study (paper §3, §5): the sweeps that train its grids of SAEs, and
 the fits, tables and plots made from them.
 
-    python scaling.py --sweep default          # 48 SAEs + 2 small GPTs into out/sweep_default/
+    python scaling.py --sweep default          # 56 SAEs + 2 small GPTs into out/sweep_default/
     python scaling.py --report                 # fits, tables and plots of out/sweep_default
     python scaling.py --sweep quick --out_dir /tmp/q --report   # both, the whole pipeline in seconds
 
@@ -20,7 +20,7 @@ sweep.json, in eight sections:
     1. L(n) = c + a n^-b at fixed k                                    paper §3.1.2
     2. the joint law L(n, k), tested on held-out grid points           paper §3.1.2
     3. compute: the frontier L(C), compute-optimal n, tokens to convergence   paper §3.1.1
-    4. TopK vs ReLU + L1 at matched L0                                 paper §5.1
+    4. TopK vs ReLU + L1, BatchTopK and Matryoshka at matched L0       paper §5.1, since
     5. progressive recovery, TopK and Multi-TopK                       paper §5.3
     6. feature recovery along n, k and training: probe, N2G, ablation  paper §4.2-4.5
     7. dead latents with and without AuxK and the init tricks          paper §2.4
@@ -55,13 +55,13 @@ from gpt import UserError
 # batches and long runs: it leaves 512-step CPU runs far from converged, larger n the furthest,
 # so that L(n) turned upward at the largest n (README, "Learning rate", has the runs that chose 4).
 SWEEPS = {
-    # The bundled char GPT (d_model 128), sized for 2 CPU cores: 48 runs and two small GPTs (the
+    # The bundled char GPT (d_model 128), sized for 2 CPU cores: 56 runs and two small GPTs (the
     # README has its wall time).
     "default": dict(
         model=gpt.DEFAULT_CKPT, cache=True, train=["--log_every", "5"], tokens=1 << 21, lr_scale=4,
         n=[256, 512, 1024, 2048, 4096, 8192], k=[8, 16, 32, 64], k_main=32, n_mid=2048,
-        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=1024, l1=[0.1, 0.2, 0.3, 0.5], n_dead=[512, 2048, 8192],
-        subjects=[dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=3, n_embd=96)],
+        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=1024, l1=[0.1, 0.2, 0.3, 0.5], matryoshka=[64, 256],
+        n_dead=[512, 2048, 8192], subjects=[dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=3, n_embd=96)],
         gpt=["--preset", "cpu"], n_subject=[256, 512, 1024, 2048, 4096], k_subject=16, evals=["--tokens", "16384"]),
     # The whole pipeline in seconds (the test suite runs it): three tiny GPTs trained here, the
     # largest one the subject of every other sweep.
@@ -70,7 +70,7 @@ SWEEPS = {
         train=["--batch_size", "512", "--ctx_len", "32", "--shuffle_tokens", "8192", "--eval_tokens", "2048",
                "--log_every", "2"],
         n=[32, 64, 128, 256], k=[2, 4, 8], k_main=4, n_mid=128, token_fracs=[1 / 4, 1 / 2], n_relu=64,
-        l1=[0.3, 0.7], n_dead=[64, 256],
+        l1=[0.3, 0.7], matryoshka=[8, 16], n_dead=[64, 256],
         subjects=[dict(n_layer=1, n_head=2, n_embd=16), dict(n_layer=2, n_head=2, n_embd=24),
                   dict(n_layer=2, n_head=2, n_embd=32)],
         gpt=["--preset", "tiny", "--iters", "150", "--eval_windows", "16"], n_subject=[32, 64, 128], k_subject=4,
@@ -82,7 +82,8 @@ SWEEPS = {
     "gpt2": dict(
         model="gpt2", cache=False, train=["--batch_size", "32768", "--shuffle_tokens", str(1 << 21), "--log_every", "10"],
         tokens=1 << 25, lr_scale=1, n=[4096, 8192, 16384, 32768, 65536], k=[16, 32, 64, 128], k_main=32, n_mid=16384,
-        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=16384, l1=[0.1, 0.2, 0.3, 0.5], n_dead=[4096, 16384, 65536],
+        token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=16384, l1=[0.1, 0.2, 0.3, 0.5], matryoshka=[1024, 4096],
+        n_dead=[4096, 16384, 65536],
         subjects=["gpt2-medium", "gpt2-large"], gpt=[], n_subject=[4096, 8192, 16384, 32768], k_subject=32,
         evals=[]),
 }
@@ -129,11 +130,11 @@ def sweep_runs(s, main_model, subjects):
     runs = []
 
     def add(model=main_model, n=s["n_mid"], k=s["k_main"], activation="topk", l1=0.0, multi=False, auxk=True,
-            init=True, tokens=T):
-        name = (f"topk_n{n}_k{k}" if activation == "topk" else f"relu_n{n}_l1_{l1:g}") + "_multi" * multi + \
-            "_noauxk" * (not auxk) + "_noinit" * (not init) + f"_t{tokens // 1024}k"
+            init=True, tokens=T, matryoshka=False):
+        name = (f"{activation}_n{n}_k{k}" if activation != "relu" else f"relu_n{n}_l1_{l1:g}") + "_multi" * multi + \
+            "_matryoshka" * matryoshka + "_noauxk" * (not auxk) + "_noinit" * (not init) + f"_t{tokens // 1024}k"
         r = dict(model=model, run=name, n=n, k=k, activation=activation, l1=l1, multi=multi, auxk=auxk, init=init,
-                 tokens=tokens)
+                 tokens=tokens, matryoshka=matryoshka)
         if r not in runs:
             runs.append(r)
     for k in s["k"]:                    # paper §3.1: L(n) per k, and the joint law L(n, k)
@@ -141,6 +142,9 @@ def sweep_runs(s, main_model, subjects):
             add(n=n, k=k)
     for l1 in s["l1"]:                  # paper §2.2, §5.1: the ReLU + L1 baseline, matched to TopK's k ladder
         add(n=s["n_relu"], activation="relu", l1=l1)
+    for k in s["k"]:                    # since the paper: BatchTopK and Matryoshka (BatchTopK) on TopK's k ladder
+        for matryoshka in (False, True):
+            add(n=s["n_relu"], k=k, activation="batchtopk", matryoshka=matryoshka)
     add(multi=True)                     # paper §5.3: Multi-TopK, progressive codes
     for n in s["n_dead"]:               # paper §2.4: dead latents without AuxK, and without the init tricks
         add(n=n, auxk=False)
@@ -187,7 +191,9 @@ def run_argv(s, r, home, run_dir, flags, main_model):
             *flags(("data", "device", "dtype", "seed"))]
     argv += ["--cache", os.path.join(home, "cache")] if s["cache"] else []
     argv += flags(("model_path", "layer")) if r["model"] == main_model else []
-    argv += ["--k", str(r["k"])] if r["activation"] == "topk" else ["--activation", "relu", "--l1_coef", str(r["l1"])]
+    argv += ["--k", str(r["k"])] if r["activation"] != "relu" else ["--l1_coef", str(r["l1"])]
+    argv += ["--activation", r["activation"]]
+    argv += ["--matryoshka", ",".join(map(str, s["matryoshka"]))] if r.get("matryoshka") else []
     argv += ["--multi_topk"] * r["multi"] + ["--no_auxk"] * (not r["auxk"]) + ["--no_init_tricks"] * (not r["init"])
     if os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
         argv.append("--resume")
@@ -424,7 +430,7 @@ def load_sweep(root):
 
 def pick(runs, **want):
     """The runs whose settings have every given value."""
-    return [r for r in runs if all(r[key] == v for key, v in want.items())]
+    return [r for r in runs if all(r.get(key, False) == v for key, v in want.items())]  # a key new since: False
 
 
 def eval_cached(path, flags, device):
@@ -464,6 +470,12 @@ class Study:
         self.ladder_tok = sorted(pick(self.base, n=self.n_mid, k=self.k_main), key=lambda r: r["tokens"])
         self.multi = pick(runs, model=self.main, activation="topk", multi=True, n=self.n_mid, k=self.k_main,
                           tokens=self.T)
+        # section 4's methods at n_relu, each sorted by its ladder (k; ReLU: L1 coefficient)
+        at = dict(model=self.main, n=self.s["n_relu"], tokens=self.T)
+        self.methods = {name: sorted(rs, key=lambda r: r["k"] if r["activation"] != "relu" else -r["l1"]) for name, rs in (
+            ("TopK", pick(self.full, n=self.s["n_relu"])), ("ReLU + L1", pick(runs, activation="relu", **at)),
+            ("BatchTopK", pick(runs, activation="batchtopk", matryoshka=False, **at)),
+            ("Matryoshka", pick(runs, activation="batchtopk", matryoshka=True, **at)))}
 
 
 class Report:
@@ -633,40 +645,48 @@ def compute(st, rep):
             "convergence_tokens": {str(n): {"tokens": t, "converged": ok} for n, (t, ok) in conv.items()}}
 
 
-def topk_vs_relu(st, rep):
-    """4. TopK vs ReLU + L1 at matched L0 (paper §5.1, Fig. 2): the sparsity-reconstruction
-    frontier, TopK interpolated over its k ladder."""
-    n_relu = st.s["n_relu"]
-    relu = sorted(pick(st.runs, model=st.main, activation="relu", n=n_relu, tokens=st.T), key=lambda r: r["m"]["l0"])
-    topk = sorted(pick(st.full, n=n_relu), key=lambda r: r["k"])
-    rep.say(f"\n4. TopK vs ReLU + L1 at n = {n_relu}, matched L0 (TopK interpolated over its k ladder in log L0)")
-    rep.say(f"    {'ReLU l1':>8}{'L0':>8}{'FVU':>9}{'TopK FVU':>10}{'dCE':>9}{'TopK dCE':>10}")
-    out = {"topk": [{"k": r["k"], **{m: r["m"][m] for m in ("l0", "fvu", "delta_ce")}} for r in topk], "relu": []}
-    tl0 = [r["m"]["l0"] for r in topk]
-    for r in relu:
-        m = r["m"]
-        tf = at_matched_l0(tl0, [t["m"]["fvu"] for t in topk], m["l0"]) if len(topk) >= 2 else None
-        tc = at_matched_l0(tl0, [t["m"]["delta_ce"] for t in topk], m["l0"], log_y=False) if len(topk) >= 2 else None
-        out["relu"].append({"l1": r["l1"], "l0": m["l0"], "fvu": m["fvu"], "delta_ce": m["delta_ce"],
-                            "topk_fvu": tf, "topk_delta_ce": tc})
-        rep.say(f"    {r['l1']:>8g}{m['l0']:>8.1f}{m['fvu']:>9.4f}{f4(tf):>10}{m['delta_ce']:>+9.4f}"
-                f"{'n/a' if tc is None else format(tc, '+.4f'):>10}")
-    fig, axes = rep.plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in zip(axes, ("fvu", "delta_ce"), ("FVU", "delta CE (nats)")):
-        ax.plot([r["m"]["l0"] for r in topk], [r["m"][key] for r in topk], "o-", label="TopK (k ladder)")
-        ax.plot([r["m"]["l0"] for r in relu], [r["m"][key] for r in relu], "s-", label="ReLU + L1 (l1 ladder)")
+def methods(st, rep, ev):
+    """4. TopK vs ReLU + L1 (paper §5.1, Fig. 2) and TopK's successors, BatchTopK and Matryoshka
+    (BatchTopK), at n = n_relu: FVU, delta CE, dead latents and probe loss (§4.2, one feature
+    metric), beside TopK's at the same L0, interpolated over its k ladder in log L0."""
+    rep.say(f"\n4. TopK vs ReLU + L1, BatchTopK and Matryoshka at n = {st.s['n_relu']}, by L0; in brackets "
+            f"TopK's at the same L0 (interpolated over its k ladder)")
+    rep.say(f"    {'':22}{'L0':>7}{'FVU':>10}{'':9}{'dCE':>10}{'':10}{'dead':>7}{'probe CE':>10}")
+    keys = ("fvu", "delta_ce", "probe_ce")
+    rows = {name: [{"run": r["run"], "label": f"l1 {r['l1']:g}" if r["activation"] == "relu" else f"k {r['k']}",
+                    **{m: r["m"][m] for m in ("l0", "fvu", "delta_ce", "dead_frac")},
+                    "probe_ce": ev[r["path"]]["probe"]["mean_latent_ce"]} for r in rs]
+            for name, rs in st.methods.items()}
+    ladder = rows["TopK"]
+    for name, rs in rows.items():
+        for m in rs:
+            if name != "TopK" and len(ladder) >= 2:
+                m.update({f"topk_{key}": at_matched_l0([t["l0"] for t in ladder], [t[key] for t in ladder], m["l0"],
+                                                       log_y=key != "delta_ce") for key in keys})
+            ref = lambda key, spec: "" if name == "TopK" else \
+                f" ({'n/a' if m.get('topk_' + key) is None else format(m['topk_' + key], spec)})"
+            rep.say(f"    {name + ', ' + m['label']:<22}{m['l0']:>7.1f}{m['fvu']:>10.4f}{ref('fvu', '.4f'):<9}"
+                    f"{m['delta_ce']:>+10.4f}{ref('delta_ce', '+.4f'):<10}{m['dead_frac']:>7.1%}"
+                    f"{m['probe_ce']:>10.4f}{ref('probe_ce', '.4f')}")
+    fig, axes = rep.plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, label in zip(axes, keys, ("FVU", "delta CE (nats)", "probe CE (§4.2), lower is better")):
+        for (name, rs), marker in zip(rows.items(), "os^v"):
+            pts = sorted((m["l0"], m[key]) for m in rs if m["l0"] > 0)  # a collapsed ReLU SAE has L0 0
+            if pts:
+                ax.plot(*zip(*pts), marker + "-", label=name)
         ax.set(xscale="log", yscale="log" if key == "fvu" else "linear", xlabel="L0", ylabel=label)
-        ax.legend()
-    fig.suptitle(f"sparsity-reconstruction frontier, n = {n_relu}")
-    rep.save(fig, "topk_vs_relu")
-    return out
+        ax.legend(fontsize=8)
+    fig.suptitle(f"TopK, ReLU + L1, BatchTopK and Matryoshka at n = {st.s['n_relu']}: held-out, by L0")
+    rep.save(fig, "methods")
+    return rows
 
 
 def evaluate(st, rep, device):
-    """The evals.py results sections 5 and 6 read, of a few checkpoints (eval.json beside each).
+    """The evals.py results sections 4 to 6 read, of a few checkpoints (eval.json beside each).
     -> {checkpoint path: results}."""
     flags = st.s["evals"]
-    todo = {r["path"]: r for r in [*st.ladder, *pick(st.full, n=st.n_mid), *st.ladder_tok, *st.multi]}
+    todo = {r["path"]: r for r in [*st.ladder, *pick(st.full, n=st.n_mid), *st.ladder_tok, *st.multi,
+                                   *(r for rs in st.methods.values() for r in rs)]}
     rep.say(f"\n(evaluating {len(todo)} checkpoints with evals.py {' '.join(flags)})")
     return {p: eval_cached(p, flags, device)["results"] for p in todo}
 
@@ -787,8 +807,8 @@ def scaling(root, device="cpu"):
     out["L_n"] = law_n(st, rep)
     out["joint"] = law_joint(st, rep)
     out["compute"] = compute(st, rep)
-    out["topk_vs_relu"] = topk_vs_relu(st, rep)
     ev = evaluate(st, rep, device)
+    out["methods"] = methods(st, rep, ev)
     out["progressive"] = progressive(st, rep, ev)
     out["features"] = features(st, rep, ev)
     out["dead"] = dead_latents(st, rep)

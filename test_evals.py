@@ -378,7 +378,28 @@ def test_report_end_to_end(tiny_sae_ckpt, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_batchtopk_matryoshka_sae_is_evaluated_at_its_threshold(tiny_batchtopk_ckpt, capsys):
+    """Every section runs on a Matryoshka BatchTopK SAE, on its JumpReLU code: the L0 it
+    reaches is reported, the same numbers as train.py's held-out summary, and progressive
+    recovery is centred on that L0."""
+    out = evals.main([tiny_batchtopk_ckpt, *SMALL])
+    text = capsys.readouterr().out
+    assert "BatchTopK k 4, evaluated as JumpReLU at" in text and "Matryoshka prefixes 32, 64" in text
+    r = out["results"]
+    assert set(r) == set(evals.SECTIONS)
+    metrics = gpt.load_checkpoint(tiny_batchtopk_ckpt)["metrics"]
+    assert r["reconstruction"]["l0"] == pytest.approx(metrics["l0"], rel=1e-4) and r["reconstruction"]["l0"] != 4
+    assert r["reconstruction"]["fvu"] == pytest.approx(metrics["fvu"], rel=1e-4)
+    assert r["progressive"]["k"] == round(r["reconstruction"]["l0"])
+    sae, model, _, subject, val_ids = evals.load(tiny_batchtopk_ckpt)
+    data = evals.heldout(model, sae, val_ids, subject["layer"], subject["ctx_len"], False, 2048, 16)
+    vals, _ = data.code()
+    assert data.threshold == float(sae.threshold) and (vals[vals > 0] > data.threshold).all()
+    assert (data.code(16)[0] > 0).sum() > (vals > 0).sum()  # TopK(16) on the same pre-activations keeps more
+
+
 def test_skip_and_raw(tiny_sae_ckpt):
+
     out = evals.main([tiny_sae_ckpt, *SMALL, "--raw", "--skip", "probe,n2g,ablation,progressive,activity,saebench"])
     assert set(out["results"]) == {"reconstruction", "downstream"}
     assert strict_json(os.path.join(os.path.dirname(tiny_sae_ckpt), "eval_raw.json"))["meta"]["weights"] == "raw"

@@ -71,7 +71,52 @@ def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk
             assert_rel(g_fast[name], g_ref[name], tol)
 
 
+def dense_codes(out, n):
+    """An SAEOutput's code as a dense (B, n) matrix: BatchTopK's zero padding may point
+    anywhere, so codes are compared this way, not by their indices."""
+    return torch.zeros(len(out.vals), n, dtype=out.vals.dtype).scatter(1, out.idx, out.vals)
+
+
+@FEW
+@given(setups(), st.sampled_from([("batchtopk", False), ("batchtopk", True), ("topk", True)]),
+       st.sampled_from([0.0, 0.3]))
+def test_fast_path_equals_dense_reference_for_batchtopk_and_matryoshka(setup, kind, dead_frac):
+    d, n, k, B, seed, scale = setup
+    activation, nested = kind
+    matryoshka = tuple(sorted({max(1, n // 4), max(1, n // 2)} - {n})) if nested else ()
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        sae = make(d, n, k, seed, dtype, activation=activation, matryoshka=matryoshka, k_aux=max(1, n // 3))
+        x = inputs(B, d, seed, scale, dtype)
+        dead = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < dead_frac
+        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
+        assert torch.equal(dense_codes(fast, n) > 0, dense_codes(ref, n) > 0) and torch.equal(fast.fired, ref.fired)
+        assert_rel(dense_codes(fast, n), dense_codes(ref, n), tol)
+        for name in ("loss", "fvu", "aux_loss", "nested_loss", "l0", "x_hat"):
+            assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
+        for name in g_ref:
+            assert_rel(g_fast[name], g_ref[name], tol)
+
+
+@pytest.mark.parametrize("dense_backward", [False, True])
+@pytest.mark.parametrize("screen", [False, True])
+def test_batchtopk_fast_path_widens_its_candidates_until_exact(monkeypatch, dense_backward, screen):
+    """A token holding more of the batch's winners than its 2k candidates: the encoder runs
+    again with more, and the code is still the dense reference's, k * B non-zeros."""
+    monkeypatch.setattr(kernels, "_BF16_SCREEN", screen)
+    monkeypatch.setattr(kernels, "_dense_backward", lambda t: dense_backward)
+    d, n, k, B = 8, 1000, 3, 64
+    sae, x = make(d, n, k, 0, torch.float32, activation="batchtopk", matryoshka=(100, 400)), inputs(B, d, 0, dtype=torch.float32)
+    with torch.no_grad():  # 50 latents far above the rest in every token: some token's share passes 2k
+        sae.b_enc[:50] += 10.0
+    (fast, g_fast), (ref, g_ref) = (run_path(sae, x, None, dense) for dense in (False, True))
+    assert sae._scratch["batch_candidates"] > 2 * k and int((fast.vals > 0).sum()) == k * B
+    assert_rel(dense_codes(fast, n), dense_codes(ref, n), 1e-5)
+    for name in g_ref:
+        assert_rel(g_fast[name], g_ref[name], 1e-5)
+
+
 # ---- the two-stage TopK ----
+
 
 @FEW
 @given(st.integers(1, 6), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())

@@ -20,10 +20,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (dict(k=9), r"k must be in \[1, n_latents=8\], got 9"),
     (dict(k_aux=0), r"k_aux must be in \[1, n_latents=8\], got 0"),
     (dict(k_aux=9), r"k_aux must be in \[1, n_latents=8\], got 9"),
-    (dict(activation="gelu"), r"activation must be 'topk' or 'relu', got 'gelu'"),
+    (dict(activation="gelu"), r"activation must be 'topk', 'batchtopk' or 'relu', got 'gelu'"),
     (dict(l1_coef=0.1), r"l1_coef must be >= 0, and 0 unless activation='relu', got 0.1"),
-    (dict(activation="relu", multi_topk=True), r"multi_topk must be False when"),
+    (dict(activation="relu", multi_topk=True), r"multi_topk must be False unless activation='topk'"),
+    (dict(activation="batchtopk", multi_topk=True), r"multi_topk must be False unless activation='topk'"),
+    (dict(matryoshka=(4, 2)), r"matryoshka must be increasing sizes in \[1, n_latents=8\)"),
+    (dict(matryoshka=(8,)), r"matryoshka must be increasing sizes"),
+    (dict(matryoshka=(0, 4)), r"matryoshka must be increasing sizes"),
+    (dict(matryoshka=(4,), multi_topk=True), r"matryoshka must be .* no Multi-TopK"),
+    (dict(matryoshka=(4,), activation="relu"), r"matryoshka must be .* with a TopK or BatchTopK code"),
 ])
+
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         SAEConfig(**{"d_model": 4, "n_latents": 8, "k": 2, **kw})
@@ -150,6 +157,67 @@ def test_relu_baseline_loss_is_fvu_plus_weighted_l1():
     assert torch.equal(out.fired, (z > 0).any(0))
 
 
+# ---- since the paper: BatchTopK and Matryoshka ----
+
+@FEW
+@given(setups())
+def test_batchtopk_keeps_the_batchs_top_k_times_B(setup):
+    """In training, the k * B largest ReLU'd pre-activations of the batch, wherever they fall:
+    exactly k * B non-zeros when the batch has that many positive pre-activations."""
+    d, n, k, B, seed, scale = setup
+    sae, x = make(d, n, k, seed, activation="batchtopk"), inputs(B, d, seed, scale)
+    out = sae(x)
+    pre = sae.preacts(sae.normalize_input(x)[0]).detach().relu()  # (B, n)
+    z = torch.zeros_like(pre).scatter(1, out.idx, out.vals)
+    assert int((z > 0).sum()) == min(k * B, int((pre > 0).sum()))
+    assert torch.equal(z[z > 0], pre[z > 0])  # each kept value is its own pre-activation
+    assert torch.equal(z.flatten().sort().values[-k * B:], pre.flatten().sort().values[-k * B:])
+    assert out.l0 * B == (z > 0).sum()
+
+
+def test_batchtopk_is_a_jumprelu_once_evaluated():
+    sae, x = make(8, 40, 3, 0, activation="batchtopk"), inputs(16, 8, 0)
+    with pytest.raises(ValueError, match="no inference threshold yet"):
+        sae.eval()(x)
+    sae.update_threshold(torch.tensor(0.05, dtype=torch.float64))
+    pre = sae.preacts(sae.normalize_input(x)[0])
+    z = torch.where(pre > 0.05, pre, 0.0)  # JumpReLU: the value itself above the threshold, else 0
+    torch.testing.assert_close(sae.encode(x), z)
+    out = sae(x)
+    torch.testing.assert_close(out.x_hat, sae.reconstruct(x))
+    assert out.l0 == (z > 0).sum(1).double().mean() and torch.equal(out.fired, (z > 0).any(0))
+
+
+def test_batchtopk_threshold_is_a_moving_average_of_the_smallest_kept_value():
+    sae = make(8, 40, 3, 0, activation="batchtopk")
+    sae.update_threshold(torch.tensor(0.5, dtype=torch.float64))  # the first value is taken as it is
+    sae.update_threshold(torch.tensor(0.3, dtype=torch.float64), lr=0.25)
+    sae.update_threshold(torch.tensor(float("inf"), dtype=torch.float64))  # a batch where nothing fired
+    torch.testing.assert_close(sae.threshold, torch.tensor(0.45, dtype=torch.float64))
+
+
+def test_matryoshka_adds_each_inner_prefix_reconstruction_fvu():
+    sae, x = make(8, 40, 3, 0, matryoshka=(10, 25)), inputs(16, 8, 0)
+    x_n, z = sae.normalize_input(x)[0], sae.encode(x)  # z: the dense TopK code (16, 40)
+    prefix = [fvu(x_n, sae.decode(z * (torch.arange(40) < m))) for m in (10, 25)]
+    out = sae(x)
+    torch.testing.assert_close(out.nested_loss, prefix[0] + prefix[1])
+    torch.testing.assert_close(out.loss, out.fvu + prefix[0] + prefix[1])
+    torch.testing.assert_close(out.fvu, fvu(x_n, sae.decode(z)))
+
+
+def test_matryoshka_prefix_terms_train_only_their_own_latents():
+    """Each prefix's term reaches the decoder rows of its prefix alone: rows past the last
+    inner prefix get the plain TopK SAE's gradient, and those inside get more."""
+    x, g = inputs(64, 8, 0), {}
+    for m in ((), (10, 25)):
+        sae = make(8, 40, 6, 0, matryoshka=m)
+        sae(x).loss.backward()
+        g[m] = sae.W_dec.grad
+    torch.testing.assert_close(g[(10, 25)][25:], g[()][25:])
+    assert (g[(10, 25)][:25] - g[()][:25]).norm() > 1e-3 * g[()][:25].norm()
+
+
 # ---- init and the decoder constraint ----
 
 def test_init_encoder_is_a_copy_of_unit_decoder_rows():
@@ -268,6 +336,8 @@ def train(sae, F, n_active, steps, lr, auxk, seed, B=128, dead_after=10, window=
         sae.project_decoder_grad()
         opt.step()
         sae.normalize_decoder()
+        if sae.cfg.activation == "batchtopk":
+            sae.update_threshold(torch.where(out.vals > 0, out.vals, torch.inf).amin())
         since_fired += 1
         since_fired[out.fired] = 0
         if step >= steps - window:
@@ -288,7 +358,28 @@ def test_training_recovers_true_directions(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+def test_batchtopk_threshold_code_matches_the_training_code(seed):
+    """After training, on fresh batches of the training distribution, the JumpReLU at the
+    tracked threshold keeps k latents per token on average to within 10%, and at least 90% of
+    its (token, latent) pairs are the batch code's."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    F = directions(64, 32, g)
+    sae = SAE(SAEConfig(d_model=32, n_latents=128, k=3, activation="batchtopk"))
+    sae.init_b_pre(batch(F, 3, 1024, g))
+    train(sae, F, n_active=3, steps=300, lr=3e-3, auxk=True, seed=seed)
+    with torch.no_grad():
+        x = batch(F, 3, 1024, g)
+        codes = [(lambda o: torch.zeros(len(x), 128).scatter(1, o.idx, o.vals) > 0)(sae.train(mode)(x))
+                 for mode in (False, True)]
+    jump, trained = codes
+    assert abs(jump.sum(1).float().mean() - 3) <= 0.3, jump.sum(1).float().mean()
+    assert (jump & trained).sum() >= 0.9 * jump.sum(), ((jump & trained).sum() / jump.sum()).item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
 def test_auxk_revives_dead_latents(seed):
+
     """Bad init: half the encoder rows are too short to reach TopK, and there are more
     true directions (128) than latents (64). They get no gradient from the main loss."""
     dead = {}

@@ -23,16 +23,18 @@ def noisy(y, rel, seed=0):
 # ---- the sweeps ---------------------------------------------------------------------------
 
 
-def test_default_grid_is_48_runs_full_budget_first():
-    """The README's 48 SAEs: 6 n x 4 k, 4 ReLU + L1, 1 Multi-TopK, 3 n x 2 dead-latent ablations,
-    2 extra subjects x 5 n (the main subject's k 16 runs are in the n x k grid already) and 3
-    shorter token budgets, which come last, so that the first run writes the whole cache."""
+def test_default_grid_is_56_runs_full_budget_first():
+    """The README's 56 SAEs: 6 n x 4 k, 4 ReLU + L1, BatchTopK and Matryoshka on the 4 k, 1
+    Multi-TopK, 3 n x 2 dead-latent ablations, 2 extra subjects x 5 n (the main subject's k 16
+    runs are in the n x k grid already) and 3 shorter token budgets, which come last, so that
+    the first run writes the whole cache."""
     s = scaling.SWEEPS["default"]
     runs = scaling.sweep_runs(s, "main", ["small", "mid", "main"])
-    assert len(runs) == 6 * 4 + 4 + 1 + 3 * 2 + 2 * 5 + 3 == 48
-    assert len({r["run"] + r["model"] for r in runs}) == 48
+    assert len(runs) == 6 * 4 + 4 + 2 * 4 + 1 + 3 * 2 + 2 * 5 + 3 == 56
+    assert len({r["run"] + r["model"] for r in runs}) == 56
+    assert sum(r["activation"] == "batchtopk" and r["matryoshka"] for r in runs) == 4
     budgets = [r["tokens"] for r in runs]
-    assert budgets[:45] == [s["tokens"]] * 45 and sorted(budgets[45:]) == [s["tokens"] // 8, s["tokens"] // 4,
+    assert budgets[:53] == [s["tokens"]] * 53 and sorted(budgets[53:]) == [s["tokens"] // 8, s["tokens"] // 4,
                                                                            s["tokens"] // 2]
 
 
@@ -142,12 +144,12 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     root = tmp_path / "sweep_quick"
     assert len(manifest["runs"]) == sum(os.path.isfile(root / r["dir"] / "ckpt.pt") for r in manifest["runs"])
     out = scaling.main(["--report", str(root)])
-    for name in ("L_n", "joint", "compute", "topk_vs_relu", "progressive", "features", "dead", "subjects"):
+    for name in ("L_n", "joint", "compute", "methods", "progressive", "features", "dead", "subjects"):
         assert (root / f"scaling_{name}.png").stat().st_size > 0
     saved = json.load(open(root / "scaling.json"))
     assert saved["plots"] == out["plots"] and len(saved["plots"]) == 8
     report = (root / "scaling.txt").read_text()
-    for heading in ("1. L(n)", "2. Joint law", "3. Compute", "4. TopK vs ReLU", "5. Progressive", "6. Feature",
+    for heading in ("1. L(n)", "2. Joint law", "3. Compute", "4. TopK vs ReLU + L1, BatchTopK and Matryoshka", "5. Progressive", "6. Feature",
                     "7. Dead", "8. Subject"):
         assert heading in report
     finite = lambda *xs: all(x is not None and math.isfinite(x) for x in xs)
@@ -156,6 +158,9 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert finite(saved["compute"]["L"]["b"], saved["compute"]["L"]["c"])
     assert len(saved["subjects"]) == 3 and all(finite(s["fit"]["b"]) for s in saved["subjects"])
     assert set(saved["progressive"]) == {"TopK", "Multi-TopK"} and len(saved["dead"]) == 3
+    methods = saved["methods"]
+    assert [len(methods[m]) for m in ("TopK", "ReLU + L1", "BatchTopK", "Matryoshka")] == [3, 2, 3, 3]
+    assert all(finite(m["fvu"], m["probe_ce"]) and 0 < m["l0"] <= 8 for rs in methods.values() for m in rs)
     assert all(len(saved["features"][axis]) >= 2 for axis in ("n", "k", "tokens"))
 
     mtimes = {r["dir"]: os.path.getmtime(root / r["dir"] / "ckpt.pt") for r in manifest["runs"]}

@@ -60,6 +60,21 @@ def test_auxk_leaves_fewer_latents_dead_at_a_high_learning_rate(tmp_path):
     assert dead["aux"] < dead["noaux"] - 0.02, dead
 
 
+def test_batchtopk_matryoshka_run_records_its_settings_and_threshold(tiny_batchtopk_ckpt):
+    """The checkpoint records the activation and the prefixes; the threshold is saved with the
+    weights and their EMA; the held-out summary, taken with the JumpReLU code, keeps about k
+    latents per token; the log carries the prefixes' terms in its loss."""
+    ck = torch.load(tiny_batchtopk_ckpt, weights_only=True)
+    assert ck["sae_config"]["activation"] == "batchtopk" and tuple(ck["sae_config"]["matryoshka"]) == (32, 64)
+    assert ck["train_config"]["matryoshka"] == "32,64"
+    assert 0 < ck["sae"]["threshold"] and 0 < ck["ema"]["threshold"]
+    assert 3 <= ck["metrics"]["l0"] <= 5, ck["metrics"]["l0"]
+    log = [json.loads(line) for line in open(os.path.join(os.path.dirname(tiny_batchtopk_ckpt), "log.jsonl"))]
+    assert all(r["loss"] > 2 * r["fvu"] for r in log)  # the two inner prefixes reconstruct worse than all 128
+    sae, _ = train.load_sae(tiny_batchtopk_ckpt)
+    assert sae.cfg.matryoshka == (32, 64) and float(sae.threshold) == pytest.approx(float(ck["ema"]["threshold"]))
+
+
 def test_no_init_tricks_starts_the_encoder_independent_of_the_decoder(tiny_gpt_ckpt, tmp_path):
     """After one step the encoder is still ~ the decoder's transpose with the init tricks, and
     unrelated to it without them."""
@@ -119,6 +134,11 @@ def run_train(*args, cwd):
     (["--data", "empty.txt"], "empty.txt: the file is empty"),
     (["--data", "latin1.txt"], "latin1.txt: not UTF-8"),
     (["--run", "exists"], "already exists"),
+    (["--matryoshka", "32,16"], "--matryoshka 32,16: use increasing positive prefix sizes"),
+    (["--matryoshka", "8,x"], "--matryoshka 8,x: use increasing positive prefix sizes"),
+    (["--matryoshka", "16,64"], "each inner prefix must be smaller than --n_latents (64)"),
+    (["--activation", "batchtopk", "--multi_topk"], "multi_topk must be False unless activation='topk'"),
+
     (["--resume", "--run", "fresh"], "does not exist"),
 ])
 def test_cli_bad_input(tiny_gpt_ckpt, tmp_path, args, message):
@@ -614,8 +634,9 @@ def test_latent_shards_bad_input(tiny_gpt_ckpt, tmp_path, monkeypatch):
         train.parse(base + ["--latent_shards", "3"])
     with pytest.raises(gpt.UserError, match="--latent_shards 4 does not divide --n_latents 130"):
         train.parse(base + ["--latent_shards", "4", "--n_latents", "130"])
-    with pytest.raises(gpt.UserError, match="TopK SAE only"):
-        train.parse(base + ["--latent_shards", "2", "--activation", "relu", "--l1_coef", "1e-3"])
+    for extra in (["--activation", "relu", "--l1_coef", "1e-3"], ["--activation", "batchtopk"], ["--matryoshka", "32"]):
+        with pytest.raises(gpt.UserError, match="TopK SAE only"):
+            train.parse(base + ["--latent_shards", "2", *extra])
     with pytest.raises(gpt.UserError, match="--latent_shards 0: use a number in"):
         train.parse(base + ["--latent_shards", "0"])
     _, c = train.parse(base + ["--latent_shards", "2"])

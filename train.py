@@ -62,9 +62,14 @@ class TrainConfig:
     k: int = flag(32, "active latents per token (TopK)")
     k_aux: int = flag(0, "dead latents used by AuxK; 0 uses sae.py's default")
     auxk_coef: float = flag(1 / 32, "weight of the AuxK loss (paper App. A.2: 1/32)")
-    activation: str = flag("topk", "topk (the paper's SAE) or relu (ReLU + L1 baseline, needs --l1_coef)")
+    activation: str = flag("topk", "topk (the paper's SAE); batchtopk (BatchTopK, arXiv 2412.06410: the top "
+                           "k*B pre-activations of each batch of B tokens in training, a JumpReLU at a threshold "
+                           "estimated in training when evaluated); or relu (ReLU + L1 baseline, needs --l1_coef)")
     l1_coef: float = flag(0.0, "L1 penalty weight for --activation relu")
     multi_topk: bool = flag(False, "train with Multi-TopK, L(k) + L(4k)/8 (paper §5.3)")
+    matryoshka: str = flag("", "Matryoshka SAE (arXiv 2503.09532): comma-separated inner prefix sizes, e.g. "
+                           "2048,8192; latents 0..m-1 of each prefix m also reconstruct alone, each with its own "
+                           "FVU term; with --activation topk or batchtopk (the libraries pair it with batchtopk)")
     auxk: bool = flag(True, "turn off the AuxK loss (ablation of paper §2.4)")  # the flag is --no_auxk
     no_init_tricks: bool = flag(False, "ablation (paper §2.4): b_pre starts at 0 and the encoder at random "
                                 "unit rows, instead of the geometric median, the decoder's transpose and "
@@ -126,7 +131,8 @@ class TrainConfig:
         if not self.dtype:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if not self.run:
-            self.run = f"{self.activation}_n{self.n_latents}_k{self.k}" + ("_multi" if self.multi_topk else "")
+            self.run = f"{self.activation}_n{self.n_latents}_k{self.k}" + ("_multi" if self.multi_topk else "") \
+                + ("_matryoshka" if self.matryoshka else "")
         return self
 
 
@@ -141,6 +147,23 @@ def check_run_name(run):
     return None
 
 
+def check_prefixes(s):
+    """--matryoshka: '' or increasing positive integers separated by commas -> an error or None."""
+    try:
+        m = prefixes(s)
+    except ValueError:
+        m = (0,)
+    if not all(0 < a < b for a, b in zip(m, m[1:] + (math.inf,))):
+        return "use increasing positive prefix sizes separated by commas, e.g. 2048,8192"
+    return None
+
+
+
+def prefixes(s):
+    """--matryoshka's text -> the tuple of prefix sizes (() for '')."""
+    return tuple(int(p) for p in s.split(",")) if s.strip() else ()
+
+
 # What each flag accepts, checked by check_config before anything is loaded or created
 # (gpt.check_flags; "" means the default, chosen by resolve). Bounds past any sensible run
 # are there to catch typos (1e30 tokens) before they become allocation failures.
@@ -150,7 +173,8 @@ RULES = {
     "ctx_len": gpt.Number(1, 1 << 20),
     "n_latents": gpt.Number(1, 1 << 24),  # the paper's largest SAE: 16M latents
     "k": gpt.Number(1, 1 << 24), "k_aux": gpt.Number(0, 1 << 24, note="0: sae.py's default"),
-    "auxk_coef": gpt.Number(0, 1e3), "activation": gpt.OneOf(("topk", "relu")), "l1_coef": gpt.Number(0, 1e6),
+    "auxk_coef": gpt.Number(0, 1e3), "activation": gpt.OneOf(("topk", "batchtopk", "relu")),
+    "l1_coef": gpt.Number(0, 1e6), "matryoshka": check_prefixes,
     "tokens": gpt.Number(1, 10 ** 13), "batch_size": gpt.Number(2, 1 << 24),
     "lr": gpt.Number(0, 1, note="0: 2e-4 / sqrt(n_latents / 2^14)"),
     "lr_warmup": gpt.Number(0, 1, note="a share of the steps"), "lr_decay": gpt.Number(0, 1, note="a share of the steps"),
@@ -168,8 +192,11 @@ RULES = {
 def check_config(c):
     """One-line errors naming the flag and the fix: each flag's RULES, then what flags need of each other."""
     gpt.check_flags(c, RULES)
-    if c.activation == "topk" and not 1 <= c.k <= c.n_latents:
+    if c.activation != "relu" and not 1 <= c.k <= c.n_latents:
         raise UserError(f"--k {c.k} is out of range: need 1 <= k <= n_latents ({c.n_latents})")
+    if prefixes(c.matryoshka) and prefixes(c.matryoshka)[-1] >= c.n_latents:
+        raise UserError(f"--matryoshka {c.matryoshka}: each inner prefix must be smaller than --n_latents "
+                        f"({c.n_latents}), which is the last prefix")
     if c.ctx_len < 2 and not c.include_first:
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
     check_latent_shards(c)
@@ -474,6 +501,14 @@ def any_rank(mask):
     return t.bool()
 
 
+def any_rank_max(t):
+    """The largest value of a tensor over the ranks."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def step_loss(sae, x, out, group=None):
     """-> (the loss this rank backpropagates, the global batch's [loss, fvu, aux_loss, l0], whether
     the loss is finite on every rank). Without DDP: out's own numbers. With DDP: the FVU terms
@@ -494,17 +529,17 @@ def step_loss(sae, x, out, group=None):
         # float64 sums of the global batch: its variances are sum |t|^2 - |sum t|^2 / N
         stats = torch.cat([x_n.double().sum(0), e.double().sum(0), torch.stack([t.double() for t in (
             x_n.double().pow(2).sum(), e.double().pow(2).sum(), out.fvu * var_x, out.multi_loss * var_x,
-            out.aux_loss * var_e, out.l0, out.l1, out.loss)])])
+            out.nested_loss * var_x, out.aux_loss * var_e, out.l0, out.l1, out.loss)])])
         dist.all_reduce(stats, group=group)
         d, n = x_n.shape[1], len(x) * world
-        sq_x, sq_e, sse, sse_multi, sse_aux, l0, l1, loss_sum = stats[2 * d:]
+        sq_x, sq_e, sse, sse_multi, sse_nested, sse_aux, l0, l1, loss_sum = stats[2 * d:]
         var_x_all = sq_x - stats[:d].square().sum() / n
         var_e_all = (sq_e - stats[d:2 * d].square().sum() / n).clamp_min(1e-30)  # 0 when reconstruction is exact
         w_x, w_e = ((world * v / v_all).to(out.fvu.dtype) for v, v_all in ((var_x, var_x_all), (var_e, var_e_all)))
         fvu_all, aux_all = sse / var_x_all, sse_aux / var_e_all
-        logged = torch.stack([sae.total_loss(fvu_all, sse_multi / var_x_all, aux_all, l1 / world),
-                              fvu_all, aux_all, l0 / world]).float()
-    loss = sae.total_loss(out.fvu, out.multi_loss, out.aux_loss, out.l1, w_x, w_e)
+        logged = torch.stack([sae.total_loss(fvu_all, sse_multi / var_x_all, aux_all, l1 / world,
+                                             nested=sse_nested / var_x_all), fvu_all, aux_all, l0 / world]).float()
+    loss = sae.total_loss(out.fvu, out.multi_loss, out.aux_loss, out.l1, w_x, w_e, nested=out.nested_loss)
     return loss, logged, bool(torch.isfinite(loss_sum))
 
 
@@ -516,7 +551,8 @@ def make_sae(c, d_model):
     try:
         return SAE(SAEConfig(d_model=d_model, n_latents=c.n_latents, k=c.k, k_aux=c.k_aux or None,
                              auxk_coef=c.auxk_coef,
-                             activation=c.activation, l1_coef=c.l1_coef, multi_topk=c.multi_topk))
+                             activation=c.activation, l1_coef=c.l1_coef, multi_topk=c.multi_topk,
+                             matryoshka=prefixes(c.matryoshka)))
     except ValueError as e:
         raise UserError(f"bad SAE setting: {e}") from None
 
@@ -662,6 +698,8 @@ def train_step(run, x, dead):
         torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
     run.opt.step()
     sae.normalize_decoder()
+    if sae.cfg.activation == "batchtopk":  # its inference threshold: the same on every rank
+        sae.update_threshold(-any_rank_max(-torch.where(out.vals > 0, out.vals, torch.inf).amin()))
     run.ema.update(sae)
     # paper §2.4: a latent is dead once it has not fired for dead_tokens tokens
     # (fired on any rank: the ranks agree on which latents are dead)
@@ -789,8 +827,9 @@ def check_latent_shards(c):
     if c.n_latents % m:
         raise UserError(f"--latent_shards {m} does not divide --n_latents {c.n_latents}: use a divisor of "
                         f"n_latents, or n_latents a multiple of {m}")
-    if c.activation != "topk":
-        raise UserError(f"--latent_shards {m} shards the TopK SAE only: pass --activation topk or --latent_shards 1")
+    if c.activation != "topk" or c.matryoshka:
+        raise UserError(f"--latent_shards {m} shards the TopK SAE only: pass --activation topk without --matryoshka, "
+                        f"or --latent_shards 1")
 
 
 def latent_grid(c):
@@ -870,9 +909,9 @@ class ShardedSAE(torch.nn.Module):
             e = (x_n - x_hat).detach()
             aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
         vals, idx = vals[:, :cfg.k].detach(), idx[:, :cfg.k]
-        return SAEOutput(self.total_loss(main, multi, aux, zero), main, aux, multi, zero,
-                         (vals > 0).sum(1).float().mean(), vals, idx, fired,
-                         self.denormalize(x_hat.detach(), mu, scale))
+        return SAEOutput(loss=self.total_loss(main, multi, aux, zero), fvu=main, aux_loss=aux, multi_loss=multi,
+                         nested_loss=zero, l1=zero, l0=(vals > 0).sum(1).float().mean(), vals=vals, idx=idx,
+                         fired=fired, x_hat=self.denormalize(x_hat.detach(), mu, scale))
 
     @torch.no_grad()
     def init_encoder_scale(self, n_samples=256):
@@ -1152,7 +1191,7 @@ def build_parser():
         else:
             shown = f" (default: {f.default})" if f.default not in ("", 0, -1) else ""
             p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default,
-                           choices=["topk", "relu"] if f.name == "activation" else None, help=f.metadata["help"] + shown)
+                           choices=RULES["activation"].choices if f.name == "activation" else None, help=f.metadata["help"] + shown)
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/RUN/ckpt.pt where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
