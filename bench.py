@@ -6,6 +6,7 @@ bench.py: how close a TopK SAE training step comes to the hardware's floor.
     python bench.py --shapes 768,32768,32,2048       # only these (d_model,n_latents,k,batch) shapes
     python bench.py --quick                          # a tiny grid in seconds (the smoke test)
     python bench.py --shapes 768,32768,32,2048 --profile   # and where the fast step's time goes
+    python bench.py --latent_shards 1 2 4 --shapes 256,65536,32,1024   # train.py --latent_shards: memory, time
 
 A TopK SAE must compute every pre-activation, the encoder matmul (batch x d_model x n_latents),
 so that matmul (then matmul + TopK) is the floor for a training step. For each shape this

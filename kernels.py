@@ -624,7 +624,7 @@ class _ShardEncode(_SparseEncode):
         vals, aux_vals = vals.to(W_enc.dtype), aux_vals.to(W_enc.dtype)
         ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx, rank, top_vals, top_ids)
-        return vals, idx, aux_vals, aux_idx, rank, top_vals, top_ids
+        return vals, idx, aux_vals, aux_idx, rank, top_vals.to(W_enc.dtype), top_ids
 
     @staticmethod
     def backward(ctx, g_vals, _, g_aux, *__):
