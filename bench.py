@@ -446,7 +446,8 @@ def check_shard_counts(counts):
 RULES = {"device": gpt.check_device, "shapes": check_shapes, "dead_frac": gpt.Number(0, 1), "warmup": gpt.Number(0, 1000),
          "runs": gpt.Number(1, 1000), "model": None,  # any: a missing model skips its rows, as --help says
          "act_contexts": gpt.Number(1, 1 << 20), "e2e_tokens": gpt.Number(1, 10 ** 10),
-         "e2e_shuffle": gpt.Number(1, 1 << 28), "threads": gpt.Number(0, 4096), "latent_shards": check_shard_counts}
+         "e2e_shuffle": gpt.Number(1, 1 << 28), "threads": gpt.Number(0, 4096), "latent_shards": check_shard_counts,
+         "matryoshka": train.check_prefixes}
 
 
 def build_parser():
