@@ -40,14 +40,10 @@ class SAEConfig:
     k: int = 32  # active latents per token (TopK)
     k_aux: int | None = None  # AuxK latents per token; None -> min(d_model // 2, n_latents)
     auxk_coef: float = 1 / 32  # alpha: paper App. A.2, as [code]
-    # "topk"; "batchtopk" (BatchTopK: the top k * B of a batch of B tokens, k per token on
-    # average); "relu" (the ReLU + L1 baseline, paper §2.2)
-    activation: str = "topk"
+    activation: str = "topk"  # or "batchtopk" (top k * B of a batch of B), "relu" (ReLU + L1, §2.2)
     l1_coef: float = 0.0  # L1 weight, ReLU baseline only
     multi_topk: bool = False  # paper §5.3: train on L(k) + L(4k)/8
-    # Matryoshka: inner prefix sizes m_1 < m_2 < ... < n_latents; latents 0..m_j-1 must also
-    # reconstruct on their own, each prefix with its own FVU term. () is off.
-    matryoshka: tuple = ()
+    matryoshka: tuple = ()  # Matryoshka's inner prefix sizes m_1 < m_2 < ... < n_latents; () off
     normalize: bool = True  # paper §2.1: per-token mean removal and unit norm
 
     def __post_init__(self):
@@ -261,7 +257,6 @@ class SAE(nn.Module):
             e_hat = dense_code(aux_idx) @ self.W_dec
         return z.gather(1, idx), idx, x_hat, x_hat_multi, e_hat
 
-
     def total_loss(self, fvu_k, fvu_4k, aux, l1, w_x=1.0, w_e=1.0, nested=0.0):
         """The training loss from its terms: FVU + FVU(4k) / 8 (Multi-TopK) + the inner
         prefixes' FVUs (Matryoshka) + auxk_coef * AuxK + l1_coef * L1 (ReLU baseline). w_x, w_e
@@ -282,12 +277,9 @@ class SAE(nn.Module):
                          self.denormalize(x_hat.detach(), mu, scale))
 
     # ---- since the paper: BatchTopK and Matryoshka ----
-    # BatchTopK trains on the top k * B pre-activations of a batch of B tokens (recon_dense;
-    # kernels.sparse_recon), so that a token gets as many latents as it needs, k on average. A
-    # code that depends on the batch cannot be used on one token, so the batch's threshold is
-    # tracked in training and the evaluated SAE is a JumpReLU at it. Matryoshka nests prefixes of
-    # the dictionary, each trained to reconstruct (forward adds their FVUs to the loss), so that
-    # the first latents learn general features and later ones do not absorb them.
+    # BatchTopK's code (recon_dense, kernels.sparse_recon) needs a batch, so its threshold is
+    # tracked in training and the evaluated SAE is a JumpReLU at it. Matryoshka's prefixes each
+    # reconstruct (forward adds their FVUs), so the first latents learn general features.
 
     def jumprelu_code(self, pre):
         """BatchTopK at inference: pre-activations (B, n_latents) -> (vals, idx) (B, K), each
@@ -305,11 +297,8 @@ class SAE(nn.Module):
     @torch.no_grad()
     def update_threshold(self, kept_min, lr=0.1):
         """BatchTopK's threshold, as [peers] estimate it: a moving average of each training batch's
-        smallest kept activation kept_min, its first value at the first step. Their rates (SAELens
-        0.01; dictionary_learning 0.001 from step 1000) suit runs of 10^5 steps; here runs have
-        ~1,000 and the threshold falls as training goes, so a slow average lags behind it and
-        the JumpReLU code is too sparse. The batch's k * B-th activation is an order statistic of
-        many values and varies little between batches, so the faster rate 0.1 costs little noise."""
+        smallest kept activation kept_min (the first taken as it is), at a faster rate than
+        theirs, which lag behind a threshold that falls in a run of ~1,000 steps (README)."""
         if torch.isfinite(kept_min):  # inf: nothing fired in the batch
             self.threshold.copy_(kept_min if self.threshold < 0 else self.threshold.lerp(kept_min, lr))
 
