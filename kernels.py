@@ -528,9 +528,9 @@ def _kept(scratch, key, like, shape, dtype):
 # own shard's local top k, so the top k of the M * k gathered candidates is the full SAE's.
 # [code] (sharded_topk) instead keeps k * capacity_factor // M candidates a shard (4 for the main
 # code, 2 for AuxK), gathers only the values and keeps local entries at or above the global k-th:
-# approximate whenever one shard holds more winners than that, and the code then has more or
-# fewer than k entries. Here a shard decodes its own winners; the partial (B, d) reconstructions
-# are summed by one all-reduce.
+# approximate whenever one shard holds more winners than that (those past its share are lost,
+# and the k-th value taken from the gathered ones is too low). Here a shard decodes its own
+# winners; the partial (B, d) reconstructions are summed by one all-reduce.
 
 
 class Shard:
