@@ -51,6 +51,7 @@ import torch
 import gpt
 import train
 import kernels
+import sharding
 from sae import SAE, SAEConfig
 
 GRIDS = {  # (d_model, n_latents, k, batch)
@@ -355,7 +356,7 @@ def _shard_worker(rank, M, port, shape, args, q):
     def build(n):
         cfg = SAEConfig(d_model=d, n_latents=n, k=min(k, n // M))
         rows = n // M
-        return (train.ShardedSAE(cfg, kernels.Shard(rank, M, rank * rows, rows, None)) if M > 1 else SAE(cfg),
+        return (sharding.ShardedSAE(cfg, kernels.Shard(rank, M, rank * rows, rows, None)) if M > 1 else SAE(cfg),
                 slice(rank * rows, (rank + 1) * rows))
 
     # a step of a tiny SAE first, so that the libraries a step loads are resident before `base`

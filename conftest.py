@@ -1,6 +1,7 @@
 """Shared test fixtures and helpers: a tiny subject GPT and a tiny SAE trained on it, built
 once per test session in a temporary directory (nothing depends on a local out/), and the
-small SAEs and inputs that test_sae.py and test_kernels.py share."""
+small SAEs and inputs that test_sae.py and test_kernels.py share, and the run-state comparison
+of the exact-resume tests."""
 
 import pytest
 import torch
@@ -84,3 +85,16 @@ def assert_rel(a, b, tol):
     """||a - b|| <= tol * ||b|| (plus a floor for b == 0)."""
     a, b = a.double(), b.double()
     assert (a - b).norm() <= tol * b.norm() + 1e-12, ((a - b).norm() / b.norm()).item()
+
+
+def assert_same_state(a, b):
+    """Two runs' (weights, EMA, Adam state, dead-latent counters, step) are bitwise equal: the
+    exact-resume tests of test_train.py and test_sharding.py."""
+    for x, y in zip(a[:3], b[:3]):
+        for key in x:
+            if isinstance(x[key], dict):
+                for k2 in x[key]:
+                    assert torch.equal(torch.as_tensor(x[key][k2]), torch.as_tensor(y[key][k2])), (key, k2)
+            else:
+                assert torch.equal(x[key], y[key]), key
+    assert torch.equal(a[3], b[3]) and a[4] == b[4]

@@ -521,7 +521,7 @@ def _kept(scratch, key, like, shape, dtype):
     return buf
 
 
-# ---- latent sharding (train.py --latent_shards): the TopK and the decoder across shards ----
+# ---- latent sharding (sharding.py, train.py --latent_shards): the TopK and the decoder across shards ----
 #
 # Each of M processes of a latent group holds n / M consecutive rows of W_enc, b_enc, W_dec
 # (shard s: global latents s * n / M onwards). The TopK is exact: every global winner is in its

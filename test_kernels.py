@@ -342,7 +342,7 @@ def test_merged_shard_topk_equals_torch_topk(B, M, rows, k, seed, ties, one_shar
 SHARDED_RECON = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
-import kernels, train
+import kernels, sharding
 from sae import SAE, SAEConfig
 rank, M = int(sys.argv[1]), 2
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=M)
@@ -358,7 +358,7 @@ for multi_topk, dead_ids in ((False, []), (True, [1, 2, 5, 20, 21, 30]), (False,
     dead = torch.zeros(32, dtype=torch.bool)
     dead[dead_ids] = True
     rows = slice(16 * rank, 16 * rank + 16)
-    shard = train.ShardedSAE(cfg, kernels.Shard(rank, M, 16 * rank, 16, None), draw=False).double()
+    shard = sharding.ShardedSAE(cfg, kernels.Shard(rank, M, 16 * rank, 16, None), draw=False).double()
     shard.load_state_dict({{k: v if k == "b_pre" else v[rows] for k, v in full.state_dict().items()}})
     ref, out = full(x, dead_mask=dead), shard(x, dead_mask=dead[rows])
     ref.loss.backward()

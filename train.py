@@ -4,7 +4,7 @@ train.py: train a sparse autoencoder on a language model's residual stream.
     python train.py --n_latents 32768 --k 32          # the default: bundled char-level Shakespeare GPT
     python train.py --model gpt2 --layer 8 --n_latents 32768 --k 32 --tokens 200_000_000   # on a GPU
     torchrun --nproc_per_node=8 train.py -- --model gpt2 --layer 8 ...   # data-parallel on 8 GPUs
-    torchrun --nproc_per_node=8 train.py -- ... --latent_shards 8        # the latents split over 8 GPUs
+    torchrun --nproc_per_node=8 train.py -- ... --latent_shards 8        # the latents split over 8 GPUs (sharding.py)
 
 Pipeline, top to bottom: the subject model and its text (gpt.py) -> an activation stream
 (residuals after block `layer`, generated in chunks or read from an on-disk cache, shuffled
@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
-import kernels
+import sharding
 from gpt import UserError
-from sae import SAE, SAEConfig, SAEOutput, fvu
+from sae import SAE, SAEConfig, fvu
 
 
 def paper_lr(n_latents):
@@ -199,7 +199,7 @@ def check_config(c):
                         f"({c.n_latents}), which is the last prefix")
     if c.ctx_len < 2 and not c.include_first:
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
-    check_latent_shards(c)
+    sharding.check_latent_shards(c, world_size())
     world = world_size() // c.latent_shards  # the data-parallel replicas: a latent group reads one batch
     shards = c.shards or world
     if c.shards < 0 or shards % world:
@@ -576,7 +576,7 @@ class Run:
     total_steps: int
     step: int = 0
     skipped: int = 0  # non-finite batches skipped (--skip_nonfinite)
-    grid: "LatentGrid | None" = None  # --latent_shards > 1: this process's place among the shards
+    grid: "sharding.LatentGrid | None" = None  # --latent_shards > 1: this process's place among the shards
 
     def checkpoint(self, metrics):
         c, sae = self.c, self.sae
@@ -596,7 +596,7 @@ def start_run(c, resume):
     run_dir = os.path.join(c.out_dir, c.run)
     distributed = dist.is_initialized()
     ranks, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    grid = latent_grid(c) if distributed else None  # None unless --latent_shards > 1
+    grid = sharding.latent_grid(c) if distributed else None  # None unless --latent_shards > 1
     if rank:
         barrier(c)
     model, tok, train_ids, val_ids, subject = load_subject(c)
@@ -605,7 +605,8 @@ def start_run(c, resume):
     replicas, replica = (grid.replicas, grid.replica) if grid else (ranks, rank)
     per_rank = c.shards // replicas
     stream = ActivationStream(c, model, train_ids, subject, shards=range(replica * per_rank, (replica + 1) * per_rank))
-    sae = (make_sharded_sae(c, subject["d_model"], grid) if grid else make_sae(c, subject["d_model"])).to(c.device)
+    sae = (sharding.make_sharded_sae(c, subject["d_model"], grid) if grid
+           else make_sae(c, subject["d_model"])).to(c.device)
     os.makedirs(run_dir, exist_ok=True)  # main has claimed it (claim_run_dir); this is for direct callers
     opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=6.25e-10,  # [code]
                            fused=True if c.device.startswith("cuda") or c.device == "cpu" else None)
@@ -629,7 +630,7 @@ def init_sae(run):
     run's log starts empty."""
     c, sae = run.c, run.sae
     if run.grid:
-        return init_sharded(run)
+        return sharding.init_sae(run)
     if c.no_init_tricks:  # b_pre = 0, encoder rows independent of the decoder's
         with torch.no_grad():
             sae.W_enc.copy_(torch.nn.functional.normalize(torch.randn_like(sae.W_enc), dim=1))
@@ -645,7 +646,7 @@ def restore(run):
     """Load the run's last checkpoint into run (weights, Adam, dead-latent counters, position);
     -> the checkpoint, whose EMA start_run restores once the EMA exists."""
     if run.grid:
-        return restore_sharded(run)
+        return sharding.restore(run)
     ck = gpt.load_checkpoint(run.ckpt_path)
     if ck["subject"]["sha256"] != run.subject["sha256"]:
         raise UserError(f"{run.ckpt_path} was trained on another subject model ({ck['subject']['model']})")
@@ -674,7 +675,10 @@ def lr_at(c, step, total_steps):
 def train_step(run, x, dead):
     """One step of the paper's training on the batch x (B, d_model), dead (n_latents,) the
     latents that have not fired for dead_tokens tokens -> the global batch's [loss, fvu,
-    aux_loss, l0], or None for a batch skipped as non-finite (--skip_nonfinite)."""
+    aux_loss, l0], or None for a batch skipped as non-finite (--skip_nonfinite). A sharded
+    run's step is sharding.train_step."""
+    if run.grid:
+        return sharding.train_step(run, x, dead)
     c, sae = run.c, run.sae
     out = None
     if all_ranks(torch.isfinite(x).all()):
@@ -721,18 +725,18 @@ def train(c, resume=False):
     while run.step < total_steps:
         x = run.stream.batch(run.step).to(c.device, non_blocking=True)
         dead = run.tokens_since_fired >= c.dead_tokens
-        logged = (train_step_sharded if run.grid else train_step)(run, x, dead)
+        logged = train_step(run, x, dead)
         run.step += 1
         if logged is None:
             continue
         bar.update(c.batch_size)
         if (run.main_rank or run.grid) and (run.step % c.log_every == 0 or run.step == total_steps):
-            dead_all = group_latents(run, dead)  # sharded: every shard's part, a collective
+            dead_all = sharding.group_latents(run, dead)  # sharded: every shard's part, a collective
             if run.main_rank:
                 log_step(run, logged, dead_all, time.time() - t0, bar)
         if c.ckpt_every and run.step * c.batch_size - last_ckpt_tokens >= c.ckpt_every and run.step < total_steps:
             if run.grid:
-                save_sharded(run, {})
+                sharding.save_checkpoint(run, {})
             elif run.main_rank:
                 gpt.save_checkpoint(run.checkpoint({}), run.ckpt_path)
             last_ckpt_tokens = run.step * c.batch_size
@@ -756,18 +760,19 @@ def finish(run, train_s, tokens_trained):
     printout -> the checkpoint dict. Every rank computes the same numbers, so none waits."""
     c = run.c
     if run.grid:  # the held-out summary runs sharded too: no process holds every latent
-        eval_sae = ShardedSAE(run.sae.cfg, run.grid.shard, draw=False).to(c.device)
+        eval_sae = sharding.ShardedSAE(run.sae.cfg, run.grid.shard, draw=False).to(c.device)
     else:
         eval_sae = make_sae(c, run.subject["d_model"]).to(c.device)
     eval_sae.load_state_dict(run.ema.state_dict())
     windows = heldout_windows(run.val_ids, c.ctx_len, c.eval_tokens, c.include_first)
     metrics = heldout_summary(eval_sae, run.model, windows, c.layer, c.include_first, c.device)
-    metrics.update(dead_frac=group_latents(run, run.tokens_since_fired >= c.dead_tokens).float().mean().item(),
-                   train_seconds=round(train_s, 1), tokens_per_s=round(tokens_trained / max(train_s, 1e-9)),
+    dead = sharding.group_latents(run, run.tokens_since_fired >= c.dead_tokens)  # sharded: a collective
+    metrics.update(dead_frac=dead.float().mean().item(), train_seconds=round(train_s, 1),
+                   tokens_per_s=round(tokens_trained / max(train_s, 1e-9)),
                    skipped=run.skipped)
     ck = run.checkpoint(metrics)
     if run.grid:
-        save_sharded(run, metrics)
+        sharding.save_checkpoint(run, metrics)
     if not run.main_rank:
         return ck
     if not run.grid:
@@ -785,330 +790,13 @@ def load_sae(path, ema=True):
     EMA weights (what the paper evaluates), else the raw final weights."""
     ck = gpt.load_checkpoint(path)
     if isinstance(ck, dict) and "latent_shards" in ck:  # a sharded run's manifest: its shards, joined
-        ck = load_sharded(path, ck)
+        ck = sharding.load_checkpoint(path, ck)
     if not isinstance(ck, dict) or "sae_config" not in ck or "sae" not in ck:
         raise UserError(f"{path}: not an SAE checkpoint (no sae_config/sae); pass the ckpt.pt that train.py "
                         f"writes (out/<run>/ckpt.pt)")
     sae = SAE(SAEConfig(**ck["sae_config"]))
     sae.load_state_dict(ck["ema"] if ema else ck["sae"])
     return sae.eval(), ck
-
-
-# -----------------------------------------------------------------------------
-# Latent sharding (--latent_shards M, under torchrun): tensor parallel over the latents.
-# The N processes form N / M data-parallel replicas x M latent shards; shard s of every
-# replica holds latents s * n / M .. (s + 1) * n / M - 1: their rows of W_enc, b_enc, W_dec,
-# the gradients, Adam moments, EMA and dead-latent counters. b_pre is replicated. The TopK is
-# exact (kernels.sharded_recon): a run with M shards computes what one process does, up to
-# the order of floating-point sums. Ranks r * M .. r * M + M - 1 are replica r's latent group
-# (on GPUs, one node's: the group talks at every step); shard s's replicas average gradients.
-
-
-class LatentGrid:
-    """This process's place: replica (of replicas) and shard (a kernels.Shard: index, count,
-    first latent lo, rows, latent group); data: the group of this shard's replicas, None if one."""
-
-    def __init__(self, replicas, replica, shard, data):
-        self.replicas, self.replica, self.shard, self.data = replicas, replica, shard, data
-
-
-def check_latent_shards(c):
-    """--latent_shards M: M processes per latent group, so torchrun with a multiple of M; M
-    divides n_latents; TopK only."""
-    m, world = c.latent_shards, world_size()
-    if m == 1:
-        return
-    if "WORLD_SIZE" not in os.environ:
-        raise UserError(f"--latent_shards {m} needs one process per shard: run it under torchrun "
-                        f"--nproc_per_node={m} train.py -- ... (or a multiple of {m} processes)")
-    if world % m:
-        raise UserError(f"--latent_shards {m} does not divide the {world} processes: use a divisor of {world}, "
-                        f"or torchrun --nproc_per_node with a multiple of {m}")
-    if c.n_latents % m:
-        raise UserError(f"--latent_shards {m} does not divide --n_latents {c.n_latents}: use a divisor of "
-                        f"n_latents, or n_latents a multiple of {m}")
-    if c.activation != "topk" or c.matryoshka:
-        raise UserError(f"--latent_shards {m} shards the TopK SAE only: pass --activation topk without --matryoshka, "
-                        f"or --latent_shards 1")
-
-
-def latent_grid(c):
-    """-> this process's LatentGrid under --latent_shards M > 1 (every rank makes every group, in
-    the same order, as torch.distributed requires), else None."""
-    m = c.latent_shards
-    if m == 1:
-        return None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    replicas, rows = world // m, c.n_latents // m
-    latent = [dist.new_group(list(range(r * m, (r + 1) * m))) for r in range(replicas)]
-    data = [dist.new_group(list(range(s, world, m))) for s in range(m)] if replicas > 1 else [None] * m
-    replica, s = divmod(rank, m)
-    return LatentGrid(replicas, replica, kernels.Shard(s, m, s * rows, rows, latent[replica]), data[s])
-
-
-def randn_rows(n, d, lo, hi, chunk=1 << 18):
-    """Rows lo..hi-1 of torch.randn(n, d) from the global generator, drawn in chunks of rows and
-    advancing the generator as that call would: CPU normal sampling fills 16 values at a time,
-    so chunks of a multiple of 16 values give the same stream (test_train checks it). Memory:
-    one chunk plus the rows kept, where the whole (n, d) would not fit at the paper's scale."""
-    rows = 16 * max(1, chunk // (16 * d))
-    out = torch.empty(hi - lo, d)
-    for s in range(0, n, rows):
-        block = torch.randn(min(rows, n - s), d)
-        a, b = max(s, lo), min(s + len(block), hi)
-        if a < b:
-            out[a - lo:b - lo] = block[a - s:b - s]
-    return out
-
-
-class ShardedSAE(torch.nn.Module):
-    """One shard of an SAE (sae.py's SAE, cfg its whole configuration): W_enc, W_dec
-    (shard.rows, d_model) and b_enc (shard.rows,), rows shard.lo onwards of the full SAE's,
-    initialized as those (draw=False: left uninitialized, for loading), and b_pre (d_model,).
-    Its forward gives the whole SAE's SAEOutput on every shard, except fired, this shard's
-    (shard.rows,); dead_mask is this shard's too."""
-
-    def __init__(self, cfg, shard, draw=True):
-        super().__init__()
-        self.cfg, self.shard = cfg, shard
-        rows = shard.rows
-        # paper App. A.1 as sae.SAE: unit decoder rows, the encoder their copy; the same rows
-        W_dec = (torch.nn.functional.normalize(randn_rows(cfg.n_latents, cfg.d_model, shard.lo, shard.lo + rows), dim=1)
-                 if draw else torch.empty(rows, cfg.d_model))
-        self.W_dec = torch.nn.Parameter(W_dec)  # (rows, d_model)
-        self.W_enc = torch.nn.Parameter(W_dec.clone())  # (rows, d_model)
-        self.b_enc = torch.nn.Parameter(torch.zeros(rows))
-        self.b_pre = torch.nn.Parameter(torch.zeros(cfg.d_model))
-        self._scratch = {}
-
-    # the row-wise and per-token parts of sae.SAE are the same on a shard
-    normalize_input, denormalize, total_loss = SAE.normalize_input, SAE.denormalize, SAE.total_loss
-    project_decoder_grad, normalize_decoder = SAE.project_decoder_grad, SAE.normalize_decoder
-    init_b_pre, _check_input = SAE.init_b_pre, SAE._check_input
-
-    def forward(self, x, dead_mask=None):
-        """As SAE.forward (the TopK SAE) on caller's-space x (B >= 2, d_model), the same x on
-        every shard of the group."""
-        cfg, shard = self.cfg, self.shard
-        x_n, mu, scale = self.normalize_input(x.detach())
-        if x_n.shape[0] < 2:
-            raise ValueError(f"forward needs a batch of >= 2 tokens, got {x_n.shape[0]}")
-        zero = x_n.new_zeros(())
-        dead_idx, k_aux = torch.zeros(0, dtype=torch.long, device=x_n.device), 0
-        if dead_mask is not None:  # AuxK's width comes from the group's count of dead latents
-            dead_idx = dead_mask.to(x_n.device).nonzero().squeeze(1)
-            n_dead = torch.tensor([len(dead_idx)], device=x_n.device)
-            dist.all_reduce(n_dead, group=shard.group)
-            k_aux = min(cfg.k_aux, int(n_dead))
-        k_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
-        vals, idx, x_hat, x_hat_multi, e_hat, fired = kernels.sharded_recon(self, x_n, k_top, dead_idx, k_aux, shard)
-        main = fvu(x_n, x_hat)
-        multi = fvu(x_n, x_hat_multi) if cfg.multi_topk else zero  # paper §5.3
-        aux = zero
-        if k_aux > 0:  # paper §2.4 as SAE.forward
-            e = (x_n - x_hat).detach()
-            aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
-        vals, idx = vals[:, :cfg.k].detach(), idx[:, :cfg.k]
-        return SAEOutput(loss=self.total_loss(main, multi, aux, zero), fvu=main, aux_loss=aux, multi_loss=multi,
-                         nested_loss=zero, l1=zero, l0=(vals > 0).sum(1).float().mean(), vals=vals, idx=idx,
-                         fired=fired, x_hat=self.denormalize(x_hat.detach(), mu, scale))
-
-    @torch.no_grad()
-    def init_encoder_scale(self, n_samples=256):
-        """SAE.init_encoder_scale over the group: the same samples on every shard, the norm of
-        the whole reconstruction (all-reduced), so every shard divides by the same number."""
-        seed = int(torch.randint(2**62, (1,)))  # as SAE's: the same draws from the same generator
-        g = torch.Generator(device=self.W_enc.device).manual_seed(seed)
-        u = torch.nn.functional.normalize(torch.randn(n_samples, self.cfg.d_model, generator=g,
-                                                      device=self.W_enc.device), dim=1)
-        empty = torch.zeros(0, dtype=torch.long, device=u.device)
-        x_hat_n = kernels.sharded_recon(self, u + self.b_pre, self.cfg.k, empty, 0, self.shard)[2] - self.b_pre
-        self.W_enc.div_(x_hat_n.norm(dim=1).mean().clamp_min(1e-12))
-
-
-def make_sharded_sae(c, d_model, grid):
-    """make_sae's SAE, this process's shard of it. The configuration is checked by make_sae on
-    the meta device, which allocates and draws nothing."""
-    with torch.device("meta"):
-        cfg = make_sae(c, d_model).cfg
-    return ShardedSAE(cfg, grid.shard)
-
-
-@torch.no_grad()
-def sync_replicas(run):
-    """Every replica's shard s to replica 0's (as DDP does at its start: b_pre came from each
-    replica's own data)."""
-    if run.grid.data is not None:
-        src = run.grid.shard.index  # replica 0's rank for this shard
-        for p in run.sae.parameters():
-            dist.broadcast(p.data, src, group=run.grid.data)
-
-
-def init_sharded(run):
-    """init_sae over the latent group: b_pre the geometric median of the same sample on every
-    shard, the encoder rescale from the whole reconstruction; the ablation draws the encoder's
-    rows as the single-process run does (the full stream, this shard's rows kept)."""
-    c, sae, shard = run.c, run.sae, run.grid.shard
-    if c.no_init_tricks:
-        with torch.no_grad():
-            rows = randn_rows(c.n_latents, sae.cfg.d_model, shard.lo, shard.lo + shard.rows)
-            sae.W_enc.copy_(torch.nn.functional.normalize(rows, dim=1))
-    else:
-        sae.init_b_pre(run.stream.sample(32768).to(c.device))
-        sae.init_encoder_scale()
-    sync_replicas(run)
-    if run.main_rank:
-        with open(run.log_path, "w"):
-            pass
-
-
-def group_latents(run, t):
-    """A per-latent tensor (rows,) of this shard -> the group's (n_latents,), in latent order
-    (all-gathered; every process of the group must call it). Unsharded: t itself."""
-    if not run.grid:
-        return t
-    parts = [torch.empty_like(t, dtype=torch.uint8 if t.dtype == torch.bool else t.dtype)
-             for _ in range(run.grid.shard.count)]
-    dist.all_gather(parts, t.to(parts[0].dtype), group=run.grid.shard.group)
-    return torch.cat(parts).to(t.dtype)
-
-
-def train_step_sharded(run, x, dead):
-    """train_step for a sharded run: the same step, with the replicas' gradients averaged by
-    hand (the replicas of a shard hold the same rows; DDP would expect every rank to), the
-    gradient norm and the fired latents taken over the right groups."""
-    c, sae, grid = run.c, run.sae, run.grid
-    out = None
-    if all_ranks(torch.isfinite(x).all()):
-        with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
-                            enabled=c.dtype != "float32"):
-            out = sae(x, dead_mask=dead if c.auxk else None)
-        if grid.data is None:  # one replica: its batch is the global one
-            loss, finite = out.loss, bool(torch.isfinite(out.loss))
-            logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
-        else:
-            loss, logged, finite = step_loss(sae, x, out, grid.data)
-    if out is None or not finite:
-        if not c.skip_nonfinite:
-            what = "activations" if out is None else "loss"
-            raise UserError(f"non-finite {what} at step {run.step} (tokens {run.step * c.batch_size:,}); the last "
-                            f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
-        run.skipped += 1
-        return None
-    for g in run.opt.param_groups:
-        g["lr"] = lr_at(c, run.step, run.total_steps)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()  # each shard's own rows; b_pre's gradient, summed over the group, is whole
-    if grid.data is not None:  # the replicas' mean, as DDP's
-        for p in sae.parameters():
-            dist.all_reduce(p.grad, group=grid.data)
-            p.grad.div_(grid.replicas)
-    sae.project_decoder_grad()
-    if c.grad_clip:
-        clip_sharded(sae, grid, c.grad_clip)
-    run.opt.step()
-    sae.normalize_decoder()
-    run.ema.update(sae)
-    fired = out.fired
-    if grid.data is not None:  # fired on any replica
-        fired = fired.to(torch.uint8)
-        dist.all_reduce(fired, op=dist.ReduceOp.MAX, group=grid.data)
-    run.tokens_since_fired += c.batch_size
-    run.tokens_since_fired.masked_fill_(fired.bool(), 0)
-    return logged
-
-
-@torch.no_grad()
-def clip_sharded(sae, grid, max_norm):
-    """torch.nn.utils.clip_grad_norm_ over the whole SAE: the sharded rows' squared norms summed
-    over the group, b_pre's (replicated) counted once."""
-    rows = [sae.W_dec.grad, sae.W_enc.grad, sae.b_enc.grad]
-    sq = torch.stack([torch.linalg.vector_norm(g) for g in rows]).square().sum().reshape(1)
-    dist.all_reduce(sq, group=grid.shard.group)
-    total = (sq[0] + torch.linalg.vector_norm(sae.b_pre.grad).square()).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in rows + [sae.b_pre.grad]:
-        g.mul_(coef)
-
-
-# Sharded checkpoints: OUT_DIR/RUN/ckpt.pt is a small manifest (everything of a checkpoint but
-# the per-latent tensors) naming one file per shard, ckpt.step<S>.shard<s>of<M>.pt, with that
-# shard's rows of the weights, EMA, Adam state and dead-latent counters. Replica 0's shards
-# write theirs (each atomically), then rank 0 the manifest: a crash leaves the last manifest and
-# the files it names, whose names carry their step. load_sae (so evals.py and --export) joins them.
-
-SHARD_FILE = "ckpt.step{step}.shard{s}of{m}.pt"
-_PER_LATENT = ("sae", "ema", "optimizer", "tokens_since_fired")
-
-
-def save_sharded(run, metrics):
-    """Write this shard's file (replica 0 only), then the manifest (rank 0), and remove the
-    shard files of earlier checkpoints; every process calls it. -> run.checkpoint(metrics),
-    this shard's rows (what train() returns on each process)."""
-    grid, run_dir = run.grid, os.path.dirname(run.ckpt_path)
-    m, shard = grid.shard.count, grid.shard
-    ck = run.checkpoint(metrics)
-    names = [SHARD_FILE.format(step=run.step, s=s, m=m) for s in range(m)]
-    if grid.replica == 0:
-        part = {k: ck[k] for k in _PER_LATENT}
-        part.update(step=run.step, shard=shard.index, shards=m, rows=[shard.lo, shard.lo + shard.rows])
-        gpt.save_checkpoint(part, os.path.join(run_dir, names[shard.index]))
-    barrier(run.c)  # every shard's file is on disk before the manifest names it
-    if run.main_rank:
-        manifest = {k: v for k, v in ck.items() if k not in _PER_LATENT}
-        manifest["latent_shards"] = {"count": m, "files": names,
-                                     "rows": [[s * shard.rows, (s + 1) * shard.rows] for s in range(m)]}
-        gpt.save_checkpoint(manifest, run.ckpt_path)
-        for name in os.listdir(run_dir):
-            if name.startswith("ckpt.step") and ".shard" in name and name not in names:
-                os.remove(os.path.join(run_dir, name))
-    return ck
-
-
-def _load_shard_file(path, manifest, s):
-    """Shard s's file named by the manifest at path, checked against it."""
-    info = manifest["latent_shards"]
-    file = os.path.join(os.path.dirname(path), info["files"][s])
-    if not os.path.isfile(file):
-        raise UserError(f"{path} names the latent shard file {file}, which is missing: restore it from the same "
-                        f"run (every shard file the manifest names is needed)")
-    part = gpt.load_checkpoint(file)
-    if part.get("step") != manifest["step"] or part.get("rows") != info["rows"][s]:
-        raise UserError(f"{file} does not belong to {path} (another step or rows); restore the run's files together")
-    return part
-
-
-def load_sharded(path, manifest):
-    """A sharded run's manifest -> the checkpoint of the whole SAE, as an unsharded run writes it
-    (no optimizer state): the shards' rows joined in latent order, b_pre from shard 0."""
-    parts = [_load_shard_file(path, manifest, s) for s in range(manifest["latent_shards"]["count"])]
-    ck = dict(manifest)
-    for key in ("sae", "ema"):
-        ck[key] = {name: (parts[0][key][name] if name == "b_pre" else torch.cat([p[key][name] for p in parts]))
-                   for name in parts[0][key]}
-    ck["tokens_since_fired"] = torch.cat([p["tokens_since_fired"] for p in parts])
-    return ck
-
-
-def restore_sharded(run):
-    """restore for a sharded run: the manifest, then this shard's file (the same --latent_shards,
-    which --resume takes from the manifest's train_config)."""
-    manifest = gpt.load_checkpoint(run.ckpt_path)
-    if manifest["subject"]["sha256"] != run.subject["sha256"]:
-        raise UserError(f"{run.ckpt_path} was trained on another subject model ({manifest['subject']['model']})")
-    if manifest.get("latent_shards", {}).get("count") != run.grid.shard.count:
-        raise UserError(f"{run.ckpt_path} was not written with --latent_shards {run.grid.shard.count}: resume it "
-                        f"with the shard count it was trained with")
-    part = _load_shard_file(run.ckpt_path, manifest, run.grid.shard.index)
-    run.sae.load_state_dict(part["sae"])
-    run.opt.load_state_dict(part["optimizer"])
-    run.tokens_since_fired = part["tokens_since_fired"].to(run.c.device)
-    run.step, run.skipped = manifest["step"], manifest["skipped"]
-    if run.main_rank:
-        print(f"resuming {run.ckpt_path} at step {run.step} ({run.step * run.c.batch_size:,} tokens), "
-              f"{run.grid.shard.count} latent shards, with the run's saved settings")
-    return {"ema": part["ema"], "ema_steps": manifest["ema_steps"]}
-
 
 
 # -----------------------------------------------------------------------------
