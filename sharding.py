@@ -39,6 +39,7 @@ from sae import SAE, SAEOutput, fvu
 # rather than one per dispatch point. (Under `python train.py` that import loads train.py a
 # second time, as the module `train`: the same code, and train.py keeps no state.)
 
+
 class LatentGrid:
     """This process's place: replica (of replicas) and shard (a kernels.Shard: index, count,
     first latent lo, rows, latent group); data: the group of this shard's replicas, None if one."""
@@ -181,9 +182,9 @@ def sync_replicas(run):
 
 
 def init_sae(run):
-    """train.init_sae over the latent group: b_pre the geometric median of the same sample on every
-    shard, the encoder rescale from the whole reconstruction; the ablation draws the encoder's
-    rows as the single-process run does (the full stream, this shard's rows kept)."""
+    """train.init_sae over the latent group: b_pre the geometric median of the same sample on
+    every shard, the encoder rescale from the whole reconstruction; the ablation draws the
+    encoder's rows as the single-process run does (the full stream, this shard's rows kept)."""
     c, sae, shard = run.c, run.sae, run.grid.shard
     if c.no_init_tricks:
         with torch.no_grad():
@@ -330,8 +331,8 @@ def load_checkpoint(path, manifest):
 
 
 def restore(run):
-    """train.restore for a sharded run: the manifest, then this shard's file (the same --latent_shards,
-    which --resume takes from the manifest's train_config)."""
+    """train.restore for a sharded run: the manifest, then this shard's file (the same
+    --latent_shards, which --resume takes from the manifest's train_config)."""
     manifest = gpt.load_checkpoint(run.ckpt_path)
     if manifest["subject"]["sha256"] != run.subject["sha256"]:
         raise UserError(f"{run.ckpt_path} was trained on another subject model ({manifest['subject']['model']})")
