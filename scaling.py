@@ -671,10 +671,11 @@ def methods(st, rep, ev):
     fig, axes = rep.plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key, label in zip(axes, keys, ("FVU", "delta CE (nats)", "probe CE (§4.2), lower is better")):
         for (name, rs), marker in zip(rows.items(), "os^v"):
-            pts = sorted((m["l0"], m[key]) for m in rs if m["l0"] > 0)  # a collapsed ReLU SAE has L0 0
+            pts = sorted((m["l0"], m[key]) for m in rs if m["l0"] >= 1)  # not a collapsed ReLU SAE's (the table has it)
             if pts:
                 ax.plot(*zip(*pts), marker + "-", label=name)
-        ax.set(xscale="log", yscale="log" if key == "fvu" else "linear", xlabel="L0", ylabel=label)
+        log_y = key != "probe_ce" and all(m[key] > 0 for rs in rows.values() for m in rs)  # delta CE can be <= 0
+        ax.set(xscale="log", yscale="log" if log_y else "linear", xlabel="L0", ylabel=label)
         ax.legend(fontsize=8)
     fig.suptitle(f"TopK, ReLU + L1, BatchTopK and Matryoshka at n = {st.s['n_relu']}: held-out, by L0")
     rep.save(fig, "methods")
