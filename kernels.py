@@ -77,7 +77,6 @@ def _batch_topk_encode(sae, x_n, dead_idx, k_aux):
 
 
 def row_chunks(m):
-
     """An (n, d) matrix as chunks of rows, _ROW_CHUNK elements each on CPU: a row-wise op done
     chunk by chunk reads each chunk back from cache instead of memory, and a temporary such
     as vecdot's product stays small and is reused from the heap instead of mapped afresh.

@@ -158,7 +158,6 @@ def check_prefixes(s):
     return None
 
 
-
 def prefixes(s):
     """--matryoshka's text -> the tuple of prefix sizes (() for '')."""
     return tuple(int(p) for p in s.split(",")) if s.strip() else ()
