@@ -10,9 +10,8 @@ Citation tags, used the same way in every file of the project:
   paper §N   the paper's text, section N (or App. A.N);
   [code]     the released openai/sparse_autoencoder, where it differs from or adds to the text;
   [peers]    what EleutherAI's sparsify, SAELens and dictionary_learning do;
-  BatchTopK  Bussmann et al. 2024, "BatchTopK Sparse Autoencoders" (arXiv 2412.06410);
-  Matryoshka Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
-             Autoencoders" (arXiv 2503.09532);
+  BatchTopK  Bussmann et al. 2024 (arXiv 2412.06410); Matryoshka: Bussmann et al. 2025
+             (arXiv 2503.09532), both of them since the paper;
   [recalled] a figure of the paper as its readers' notes give it, not checked against the text
              (only scaling.py's joint-law coefficients, printed beside this project's fit).
 
@@ -64,19 +63,17 @@ class SAEConfig:
         check("activation", self.activation in ("topk", "batchtopk", "relu"), "'topk', 'batchtopk' or 'relu'")
         check("l1_coef", self.l1_coef >= 0 and (self.l1_coef == 0 or self.activation == "relu"),
               ">= 0, and 0 unless activation='relu'")
-        check("multi_topk", not (self.multi_topk and self.activation != "topk"),
-              "False unless activation='topk'")
-        self.matryoshka = tuple(int(m) for m in self.matryoshka)  # a checkpoint's JSON gives a list
-        m = self.matryoshka
-        check("matryoshka", not m or (self.activation != "relu" and not self.multi_topk and 1 <= m[0]
-                                      and all(a < b for a, b in zip(m, m[1:])) and m[-1] < self.n_latents),
+        check("multi_topk", not self.multi_topk or self.activation == "topk", "False unless activation='topk'")
+        m = self.matryoshka = tuple(int(m) for m in self.matryoshka)  # a checkpoint's JSON gives a list
+        check("matryoshka", not m or (self.activation != "relu" and not self.multi_topk and
+                                      all(0 < a < b for a, b in zip(m, m[1:] + (self.n_latents,)))),
               f"increasing sizes in [1, n_latents={self.n_latents}), with a TopK or BatchTopK code and no Multi-TopK")
 
 
 @dataclass
 class SAEOutput:
     """The scalar losses carry gradients (log them with .item()); the rest is detached."""
-    loss: torch.Tensor  # fvu + multi_loss / 8 + auxk_coef * aux_loss + l1_coef * l1
+    loss: torch.Tensor  # fvu + multi_loss / 8 + nested_loss + auxk_coef * aux_loss + l1_coef * l1
     fvu: torch.Tensor  # main reconstruction FVU, k code, normalized space
     aux_loss: torch.Tensor  # AuxK FVU of the residual, 0 when nothing is dead
     multi_loss: torch.Tensor  # FVU of the 4k code, 0 unless multi_topk
@@ -138,8 +135,10 @@ class SAE(nn.Module):
         if k is None and self.cfg.activation == "relu":
             vals = self.preacts(x_n).relu()
             return vals, torch.arange(self.cfg.n_latents, device=vals.device).expand_as(vals)
-        if k is None and self.cfg.activation == "batchtopk":  # per token, with no batch: JumpReLU
-            return self.jumprelu_code(self.preacts(x_n))
+        if k is None and self.cfg.activation == "batchtopk":  # per token, no batch: JumpReLU, (B, K) padded
+            pre = self.preacts(x_n)
+            vals, idx = kernels.topk(pre, max(1, int((pre > self.threshold).sum(1).max())))
+            return self.jumprelu(vals), idx
         k = self._check_k(self.cfg.k if k is None else k)
         # [code]: z = ReLU(TopK(W_enc (x - b_pre) + b_enc)). The paper's equation has no
         # b_enc and no ReLU; the ReLU zeroes kept values that are negative.
@@ -150,8 +149,7 @@ class SAE(nn.Module):
         """Caller's-space x (B, d) -> dense code z (B, n_latents). For evals and tests."""
         x_n = self.normalize_input(x)[0]
         vals, idx = self.encode_sparse(x_n, k)
-        return torch.zeros(x_n.shape[0], self.cfg.n_latents, dtype=vals.dtype,
-                           device=vals.device).scatter(1, idx, vals)
+        return vals.new_zeros(len(vals), self.cfg.n_latents).scatter(1, idx, vals)
 
     # ---- decoder: x_hat = W_dec^T z + b_pre ----
 
@@ -160,8 +158,7 @@ class SAE(nn.Module):
         return kernels.sparse_decode(self.W_dec, [(vals, idx)])[0] + self.b_pre
 
     def decode(self, z, mu=None, scale=None):
-        """Dense code z (B, n_latents) -> x_hat (B, d): normalized space, or the caller's
-        space when given mu and scale from normalize_input."""
+        """Dense code z (B, n_latents) -> x_hat (B, d), normalized (or caller's, given mu, scale)."""
         x_hat_n = z @ self.W_dec + self.b_pre
         return x_hat_n if mu is None else self.denormalize(x_hat_n, mu, scale)
 
@@ -177,10 +174,9 @@ class SAE(nn.Module):
     # ---- the loss: FVU (paper §2.1), AuxK (§2.4), Multi-TopK (§5.3); ReLU baseline (§2.2) ----
 
     def forward(self, x, dead_mask=None, dense=False):
-        """Training forward on caller's-space x (B >= 2, d_model) -> SAEOutput. dead_mask
-        (n_latents,) bool marks latents the trainer counts as dead, for AuxK (TopK only: a
-        dead ReLU latent has no positive pre-activation to learn from). dense=True runs the
-        plain dense reference instead of the sparse fast path; both give the same numbers."""
+        """Training forward on caller's-space x (B >= 2, d_model) -> SAEOutput. dead_mask (n_latents,)
+        bool: the latents the trainer counts as dead, for AuxK (not ReLU's: a dead ReLU latent has
+        no positive pre-activation). dense=True: the dense reference, the same numbers."""
         cfg = self.cfg
         # The SAE trains on fixed activations: no gradient flows back to their producer.
         x_n, mu, scale = self.normalize_input(x.detach())
@@ -190,8 +186,11 @@ class SAE(nn.Module):
         zero = x_n.new_zeros(())
         if cfg.activation == "relu":
             return self._forward_relu(x_n, mu, scale, zero)
-        if cfg.activation == "batchtopk" and not self.training:  # evaluation: the threshold code
-            return self._forward_threshold(x_n, mu, scale, zero)
+        if cfg.activation == "batchtopk" and not self.training:  # evaluated: the JumpReLU code alone
+            vals, idx = self.encode_sparse(x_n)
+            x_hat = self.decode_sparse(vals, idx)
+            main = fvu(x_n, x_hat)
+            return self._output((main, main, zero, zero, zero, zero), vals, idx, x_hat, mu, scale)
         dead_idx = self._check_dead_mask(dead_mask, x_n.device)
         k_aux = min(cfg.k_aux, dead_idx.numel())  # 0 when nothing is dead
         k_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
@@ -215,23 +214,23 @@ class SAE(nn.Module):
             e = (x_n - x_hat).detach()
             aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
         loss = self.total_loss(main, multi, aux, zero, nested=nested)
-        vals = vals.detach()
-        return SAEOutput(loss, main, aux, multi, nested, zero, (vals > 0).sum(1).float().mean(), vals, idx,
-                         self._fired(vals, idx), self.denormalize(x_hat.detach(), mu, scale))
+        return self._output((loss, main, aux, multi, nested, zero), vals, idx, x_hat, mu, scale)
 
-    def _fired(self, vals, idx):
-        """(n_latents,) bool; a scatter, not fired[idx[vals > 0]] = True, whose boolean
-        indexing makes a GPU wait for the whole step before queueing the next."""
-        return torch.zeros(self.cfg.n_latents, dtype=torch.int32, device=idx.device).index_add_(
+    def _output(self, losses, vals, idx, x_hat_n, mu, scale):
+        """SAEOutput from its loss terms and the code: L0, fired (a scatter, not fired[idx[vals > 0]]
+        = True, whose boolean indexing makes a GPU wait for the whole step), x_hat, detached."""
+        vals = vals.detach()
+        fired = torch.zeros(self.cfg.n_latents, dtype=torch.int32, device=idx.device).index_add_(
             0, idx.reshape(-1), (vals > 0).reshape(-1).int()) > 0
+        return SAEOutput(*losses, (vals > 0).sum(1).float().mean(), vals, idx, fired,
+                         self.denormalize(x_hat_n.detach(), mu, scale))
 
     def recon_dense(self, x_n, k_top, dead_idx, k_aux):
         """The reference for forward's codes and reconstructions, in dense (B, n_latents)
         codes and matmuls; autograd does the rest. Normalized x_n (B, d) -> vals, idx (B, k_top)
         sorted descending (the top k first, then Multi-TopK's next latents), x_hat (k code),
         x_hat_multi (k_top code), e_hat (AuxK's k_aux code over the dead latents, no b_pre).
-        BatchTopK: vals, idx (B, K) hold each token's share of the batch's top k * B, sorted,
-        zero-padded to the largest share K."""
+        BatchTopK: vals, idx (B, K), each token's share of the batch's top k * B, zero-padded."""
         k = self.cfg.k
         pre = self.preacts(x_n)  # (B, n_latents)
 
@@ -240,9 +239,9 @@ class SAE(nn.Module):
 
         if self.cfg.activation == "batchtopk":  # the top k * B pre-activations of the whole batch
             top = pre.detach().flatten().topk(k * len(pre)).indices  # (k * B,) into the flattened pre
-            keep = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, top, True)
-            z = pre.relu() * keep.view_as(pre)  # (B, n_latents)
-            k = k_top = max(1, int(keep.view_as(pre).sum(1).max()))  # the largest share of a token
+            keep = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, top, True).view_as(pre)
+            z = pre.relu() * keep  # (B, n_latents)
+            k = k_top = max(1, int(keep.sum(1).max()))  # the largest share of a token
             idx = z.detach().topk(k_top, dim=1).indices
             x_hat = z @ self.W_dec + self.b_pre
         else:
@@ -258,10 +257,9 @@ class SAE(nn.Module):
         return z.gather(1, idx), idx, x_hat, x_hat_multi, e_hat
 
     def total_loss(self, fvu_k, fvu_4k, aux, l1, w_x=1.0, w_e=1.0, nested=0.0):
-        """The training loss from its terms: FVU + FVU(4k) / 8 (Multi-TopK) + the inner
-        prefixes' FVUs (Matryoshka) + auxk_coef * AuxK + l1_coef * L1 (ReLU baseline). w_x, w_e
-        rescale the terms normalized by the input's and the residual's variance (train.py's
-        data-parallel loss uses them)."""
+        """The training loss: FVU + FVU(4k) / 8 (Multi-TopK) + the inner prefixes' FVUs (Matryoshka)
+        + auxk_coef * AuxK + l1_coef * L1 (ReLU baseline). w_x, w_e rescale the terms normalized by
+        the input's and the residual's variance (the data-parallel loss, sharding.step_loss)."""
         return w_x * (fvu_k + fvu_4k / 8 + nested) + self.cfg.auxk_coef * w_e * aux + self.cfg.l1_coef * l1
 
     def _forward_relu(self, x_n, mu, scale, zero):
@@ -272,71 +270,48 @@ class SAE(nn.Module):
         # rows cannot lower it; mean over the batch of sum_i z_i ||W_dec_i||.
         l1 = (z @ self.W_dec.norm(dim=1)).mean()
         idx = torch.arange(self.cfg.n_latents, device=z.device).expand_as(z)
-        return SAEOutput(self.total_loss(main, zero, zero, l1), main, zero, zero, zero, l1,
-                         (z > 0).sum(1).float().mean(), z.detach(), idx, (z > 0).any(0),
-                         self.denormalize(x_hat.detach(), mu, scale))
+        losses = (self.total_loss(main, zero, zero, l1), main, zero, zero, zero, l1)
+        return self._output(losses, z, idx, x_hat, mu, scale)
 
     # ---- since the paper: BatchTopK and Matryoshka ----
-    # BatchTopK's code (recon_dense, kernels.sparse_recon) needs a batch, so its threshold is
-    # tracked in training and the evaluated SAE is a JumpReLU at it. Matryoshka's prefixes each
-    # reconstruct (forward adds their FVUs), so the first latents learn general features.
-
-    def jumprelu_code(self, pre):
-        """BatchTopK at inference: pre-activations (B, n_latents) -> (vals, idx) (B, K), each
-        token's pre-activations above the threshold, sorted, zero-padded to the largest count K."""
-        vals, idx = kernels.topk(pre, max(1, int((pre > self.threshold).sum(1).max())))
-        return self.jumprelu(vals), idx
+    # BatchTopK's code (recon_dense) needs a batch: the evaluated SAE is a JumpReLU at a tracked
+    # threshold. Matryoshka's prefixes each reconstruct (forward adds their FVUs).
 
     def jumprelu(self, pre):
-        """Pre-activations (any shape) -> the JumpReLU code: pre where it is above the threshold, else 0."""
+        """BatchTopK at inference: pre-activations (any shape) -> pre where above the threshold, else 0."""
         if self.threshold < 0:
-            raise ValueError("this BatchTopK SAE has no inference threshold yet: it is estimated in "
-                             "training (update_threshold), so train it first, or pass k")
+            raise ValueError("this BatchTopK SAE has no inference threshold yet: train it first, or pass k")
         return pre * (pre > self.threshold)
 
     @torch.no_grad()
     def update_threshold(self, kept_min, lr=0.1):
-        """BatchTopK's threshold, as [peers] estimate it: a moving average of each training batch's
-        smallest kept activation kept_min (the first taken as it is), at a faster rate than
-        theirs, which lag behind a threshold that falls in a run of ~1,000 steps (README)."""
+        """BatchTopK's threshold, as [peers] estimate it: a moving average of each batch's smallest kept
+        activation (the first taken as it is), faster than theirs, which lag in short runs (README)."""
         if torch.isfinite(kept_min):  # inf: nothing fired in the batch
             self.threshold.copy_(kept_min if self.threshold < 0 else self.threshold.lerp(kept_min, lr))
 
     def prefix_recons(self, vals, idx, dense=False):
-        """Matryoshka: the code (vals, idx) (B, K), normalized space -> the reconstruction (B, d)
-        by each inner prefix m of cfg.matryoshka, from the code's latents < m alone; dense: by
-        dense (B, n_latents) codes, the reference for the fast path's sparse decode."""
+        """Matryoshka: the code (vals, idx) (B, K) -> each inner prefix m's reconstruction (B, d),
+        normalized space, from the code's latents < m alone; dense: the reference, by dense codes."""
         codes = [(vals * (idx < m), idx) for m in self.cfg.matryoshka]
         if dense:
-            z0 = vals.new_zeros(len(vals), self.cfg.n_latents)
-            return [self.decode(z0.scatter(1, i, v)) for v, i in codes]
+            return [self.decode(vals.new_zeros(len(vals), self.cfg.n_latents).scatter(1, i, v)) for v, i in codes]
         return [x + self.b_pre for x in kernels.sparse_decode(self.W_dec, codes)]
-
-    def _forward_threshold(self, x_n, mu, scale, zero):
-        """BatchTopK in eval mode: the JumpReLU code, its FVU and L0, no training terms."""
-        vals, idx = self.encode_sparse(x_n)
-        x_hat = self.decode_sparse(vals, idx)
-        main = fvu(x_n, x_hat)
-        return SAEOutput(main, main, zero, zero, zero, zero, (vals > 0).sum(1).float().mean(), vals, idx,
-                         self._fired(vals, idx), self.denormalize(x_hat, mu, scale))
 
     # ---- paper App. A.1: initialization and the decoder constraint ----
 
     @torch.no_grad()
     def init_b_pre(self, x_sample):
-        """Set b_pre to the geometric median of a sample (B, d) of caller's-space inputs
-        (paper App. A.1; [code] uses 32768 samples), taken in the normalized space where the
-        SAE works."""
+        """b_pre := the geometric median of a sample (B, d) of caller's-space inputs (paper App.
+        A.1; [code] uses 32768 samples), taken in the normalized space where the SAE works."""
         self.b_pre.copy_(geometric_median(self.normalize_input(x_sample)[0]))
 
     @torch.no_grad()
     def init_encoder_scale(self, n_samples=256):
-        """paper App. A.1, [code] init_from_data_: rescale W_enc so that random unit inputs
-        around b_pre are reconstructed with mean norm 1 (not counting b_pre), the norm of a
-        normalized input. The paper's ablation finds no or a weakly negative effect; here it
-        helps short runs: with W_enc = W_dec the top k of n_latents random directions
-        overshoot, which a short run spends hundreds of steps undoing (README, Results).
-        Call after init_b_pre."""
+        """paper App. A.1, [code] init_from_data_: rescale W_enc so that random unit inputs around
+        b_pre reconstruct with mean norm 1 (not counting b_pre), a normalized input's. The paper's
+        ablation finds no or a weakly negative effect; here it helps short runs, where the top k
+        of W_enc = W_dec overshoot (README, Results). Call after init_b_pre."""
         # its own generator, seeded from the global one: a fixed seed would repeat the stream
         # that drew W_dec under the same global seed, and the samples would be decoder rows
         seed = int(torch.randint(2**62, (1,)))

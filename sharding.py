@@ -1,7 +1,8 @@
 """
-sharding.py: the SAE's latents sharded over processes (train.py --latent_shards M, under
-torchrun): tensor parallel over the latents, the process grid, the sharded SAE, its training
-step and its sharded checkpoints.
+sharding.py: the SAE trained by several processes under torchrun: data parallelism (the
+replicated SAE's collectives and its global-batch loss, step_loss), then the latents sharded
+over processes (train.py --latent_shards M): tensor parallel over the latents, the process
+grid, the sharded SAE, its training step and its sharded checkpoints.
 
     torchrun --nproc_per_node=8 train.py -- ... --latent_shards 8        # the latents split over 8 GPUs
 
@@ -19,8 +20,8 @@ Checkpoints: OUT_DIR/RUN/ckpt.pt is a small manifest naming one file per shard,
 ckpt.step<S>.shard<s>of<M>.pt, with that shard's rows (below, at SHARD_FILE); train.load_sae
 joins them into the whole SAE.
 
-Its own file because it is one concept that train.py's single-process and DDP runs never use:
-train.py keeps the run and calls in here at its dispatch points (`if run.grid`).
+Its own file because it is one concept, the processes of a run, that a single-process run
+never uses: train.py keeps the run and calls in here (its collectives, and `if run.grid`).
 """
 
 import os
@@ -33,8 +34,91 @@ import kernels
 from gpt import UserError
 from sae import SAE, SAEOutput, fvu
 
+# -----------------------------------------------------------------------------
+# Data parallelism (torchrun): the SAE replicated on every rank, each rank reading its own
+# data shards; DDP averages the gradients in backward, so the decoder projection, the
+# optimizer step and the renormalization see the same numbers everywhere and the replicas
+# stay identical.
+
+
+def world_size():
+    """Processes of the run: torchrun's WORLD_SIZE, 1 under a plain `python train.py`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_distributed(c):
+    """Join torchrun's process group: nccl with the GPU LOCAL_RANK on CUDA, gloo on CPU."""
+    if c.device.startswith("cuda"):
+        c.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(c.device)
+    dist.init_process_group("nccl" if c.device.startswith("cuda") else "gloo")
+
+
+def barrier(c):
+    dist.barrier(device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
+
+
+def all_ranks(flag):
+    """A bool tensor -> True if it is true on every rank (so that all ranks take the same branch)."""
+    t = flag.to(torch.int32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
+
+
+def any_rank(mask):
+    """Elementwise OR of a bool tensor over the ranks."""
+    if not dist.is_initialized():
+        return mask
+    t = mask.to(torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.bool()
+
+
+def any_rank_max(t):
+    """The largest value of a tensor over the ranks."""
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def step_loss(sae, x, out, group=None):
+    """-> (the loss this rank backpropagates, the global batch's [loss, fvu, aux_loss, l0], whether
+    the loss is finite on every rank). Without DDP: out's own numbers. With DDP: the FVU terms
+    divide by the variance of the batch they are taken over, so DDP's average of each rank's own
+    gradient is not the gradient of the loss on the global batch, the one a single process
+    reading every shard sees (a rank's variance differs from the global one by a few percent).
+    Weighting each FVU term by world * (rank variance) / (global variance) makes it that gradient,
+    up to rounding, through SAE.total_loss. group: the data-parallel processes (default all; a
+    sharded run's replicas of this shard)."""
+    if not dist.is_initialized():
+        logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
+        return out.loss, logged, bool(torch.isfinite(out.loss))
+    world = dist.get_world_size(group)
+    with torch.no_grad():
+        x_n, mu, scale = sae.normalize_input(x)
+        e = x_n - (out.x_hat - mu) / scale  # the residual AuxK models
+        var_x, var_e = ((t - t.mean(0)).pow(2).sum() for t in (x_n, e))  # as sae.fvu's denominator
+        # float64 sums of the global batch: its variances are sum |t|^2 - |sum t|^2 / N
+        stats = torch.cat([x_n.double().sum(0), e.double().sum(0), torch.stack([t.double() for t in (
+            x_n.double().pow(2).sum(), e.double().pow(2).sum(), out.fvu * var_x, out.multi_loss * var_x,
+            out.nested_loss * var_x, out.aux_loss * var_e, out.l0, out.l1, out.loss)])])
+        dist.all_reduce(stats, group=group)
+        d, n = x_n.shape[1], len(x) * world
+        sq_x, sq_e, sse, sse_multi, sse_nested, sse_aux, l0, l1, loss_sum = stats[2 * d:]
+        var_x_all = sq_x - stats[:d].square().sum() / n
+        var_e_all = (sq_e - stats[d:2 * d].square().sum() / n).clamp_min(1e-30)  # 0 when reconstruction is exact
+        w_x, w_e = ((world * v / v_all).to(out.fvu.dtype) for v, v_all in ((var_x, var_x_all), (var_e, var_e_all)))
+        fvu_all, aux_all = sse / var_x_all, sse_aux / var_e_all
+        logged = torch.stack([sae.total_loss(fvu_all, sse_multi / var_x_all, aux_all, l1 / world,
+                                             nested=sse_nested / var_x_all), fvu_all, aux_all, l0 / world]).float()
+    loss = sae.total_loss(out.fvu, out.multi_loss, out.aux_loss, out.l1, w_x, w_e, nested=out.nested_loss)
+    return loss, logged, bool(torch.isfinite(loss_sum))
+
+
 # train.py imports this file at its top and calls it at its many dispatch points (`if run.grid`);
-# the few train.py helpers used here (make_sae, all_ranks, step_loss, lr_at, barrier) are
+# the few train.py helpers used here (make_sae, lr_at, skip_nonfinite) are
 # imported inside the three functions that use them: no import cycle, and three lazy imports
 # rather than one per dispatch point. (Under `python train.py` that import loads train.py a
 # second time, as the module `train`: the same code, and train.py keeps no state.)
@@ -217,7 +301,7 @@ def train_step(run, x, dead):
     import train
     c, sae, grid = run.c, run.sae, run.grid
     out = None
-    if train.all_ranks(torch.isfinite(x).all()):
+    if all_ranks(torch.isfinite(x).all()):
         with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
                             enabled=c.dtype != "float32"):
             out = sae(x, dead_mask=dead if c.auxk else None)
@@ -225,14 +309,9 @@ def train_step(run, x, dead):
             loss, finite = out.loss, bool(torch.isfinite(out.loss))
             logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
         else:
-            loss, logged, finite = train.step_loss(sae, x, out, grid.data)
+            loss, logged, finite = step_loss(sae, x, out, grid.data)
     if out is None or not finite:
-        if not c.skip_nonfinite:
-            what = "activations" if out is None else "loss"
-            raise UserError(f"non-finite {what} at step {run.step} (tokens {run.step * c.batch_size:,}); the last "
-                            f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
-        run.skipped += 1
-        return None
+        return train.skip_nonfinite(run, out)
     for g in run.opt.param_groups:
         g["lr"] = train.lr_at(c, run.step, run.total_steps)
     run.opt.zero_grad(set_to_none=True)
@@ -293,7 +372,7 @@ def save_checkpoint(run, metrics):
         part = {k: ck[k] for k in _PER_LATENT}
         part.update(step=run.step, shard=shard.index, shards=m, rows=[shard.lo, shard.lo + shard.rows])
         gpt.save_checkpoint(part, os.path.join(run_dir, names[shard.index]))
-    train.barrier(run.c)  # every shard's file is on disk before the manifest names it
+    barrier(run.c)  # every shard's file is on disk before the manifest names it
     if run.main_rank:
         manifest = {k: v for k, v in ck.items() if k not in _PER_LATENT}
         manifest["latent_shards"] = {"count": m, "files": names,

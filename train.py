@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
 import sharding
+from sharding import all_ranks, any_rank, any_rank_max, barrier, setup_distributed, step_loss, world_size
 from gpt import UserError
 from sae import SAE, SAEConfig, fvu
 
@@ -460,89 +461,6 @@ def heldout_summary(sae, model, windows, layer, include_first, device, batch=64)
 
 
 # -----------------------------------------------------------------------------
-# Data parallelism (torchrun): the SAE replicated on every rank, each rank reading its own
-# data shards; DDP averages the gradients in backward, so the decoder projection, the
-# optimizer step and the renormalization see the same numbers everywhere and the replicas
-# stay identical.
-
-
-def world_size():
-    """Processes of the run: torchrun's WORLD_SIZE, 1 under a plain `python train.py`."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def setup_distributed(c):
-    """Join torchrun's process group: nccl with the GPU LOCAL_RANK on CUDA, gloo on CPU."""
-    if c.device.startswith("cuda"):
-        c.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(c.device)
-    dist.init_process_group("nccl" if c.device.startswith("cuda") else "gloo")
-
-
-def barrier(c):
-    dist.barrier(device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
-
-
-def all_ranks(flag):
-    """A bool tensor -> True if it is true on every rank (so that all ranks take the same branch)."""
-    t = flag.to(torch.int32).reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t)
-
-
-def any_rank(mask):
-    """Elementwise OR of a bool tensor over the ranks."""
-    if not dist.is_initialized():
-        return mask
-    t = mask.to(torch.uint8)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.bool()
-
-
-def any_rank_max(t):
-    """The largest value of a tensor over the ranks."""
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def step_loss(sae, x, out, group=None):
-    """-> (the loss this rank backpropagates, the global batch's [loss, fvu, aux_loss, l0], whether
-    the loss is finite on every rank). Without DDP: out's own numbers. With DDP: the FVU terms
-    divide by the variance of the batch they are taken over, so DDP's average of each rank's own
-    gradient is not the gradient of the loss on the global batch, the one a single process
-    reading every shard sees (a rank's variance differs from the global one by a few percent).
-    Weighting each FVU term by world * (rank variance) / (global variance) makes it that gradient,
-    up to rounding, through SAE.total_loss. group: the data-parallel processes (default all; a
-    sharded run's replicas of this shard)."""
-    if not dist.is_initialized():
-        logged = torch.stack([t.detach().float() for t in (out.loss, out.fvu, out.aux_loss, out.l0)])
-        return out.loss, logged, bool(torch.isfinite(out.loss))
-    world = dist.get_world_size(group)
-    with torch.no_grad():
-        x_n, mu, scale = sae.normalize_input(x)
-        e = x_n - (out.x_hat - mu) / scale  # the residual AuxK models
-        var_x, var_e = ((t - t.mean(0)).pow(2).sum() for t in (x_n, e))  # as sae.fvu's denominator
-        # float64 sums of the global batch: its variances are sum |t|^2 - |sum t|^2 / N
-        stats = torch.cat([x_n.double().sum(0), e.double().sum(0), torch.stack([t.double() for t in (
-            x_n.double().pow(2).sum(), e.double().pow(2).sum(), out.fvu * var_x, out.multi_loss * var_x,
-            out.nested_loss * var_x, out.aux_loss * var_e, out.l0, out.l1, out.loss)])])
-        dist.all_reduce(stats, group=group)
-        d, n = x_n.shape[1], len(x) * world
-        sq_x, sq_e, sse, sse_multi, sse_nested, sse_aux, l0, l1, loss_sum = stats[2 * d:]
-        var_x_all = sq_x - stats[:d].square().sum() / n
-        var_e_all = (sq_e - stats[d:2 * d].square().sum() / n).clamp_min(1e-30)  # 0 when reconstruction is exact
-        w_x, w_e = ((world * v / v_all).to(out.fvu.dtype) for v, v_all in ((var_x, var_x_all), (var_e, var_e_all)))
-        fvu_all, aux_all = sse / var_x_all, sse_aux / var_e_all
-        logged = torch.stack([sae.total_loss(fvu_all, sse_multi / var_x_all, aux_all, l1 / world,
-                                             nested=sse_nested / var_x_all), fvu_all, aux_all, l0 / world]).float()
-    loss = sae.total_loss(out.fvu, out.multi_loss, out.aux_loss, out.l1, w_x, w_e, nested=out.nested_loss)
-    return loss, logged, bool(torch.isfinite(loss_sum))
-
-
-# -----------------------------------------------------------------------------
 # Training
 
 
@@ -686,12 +604,7 @@ def train_step(run, x, dead):
             out = run.net(x, dead_mask=dead if c.auxk else None)
         loss, logged, finite = step_loss(sae, x, out)
     if out is None or not finite:
-        if not c.skip_nonfinite:
-            what = "activations" if out is None else "loss"
-            raise UserError(f"non-finite {what} at step {run.step} (tokens {run.step * c.batch_size:,}); the last "
-                            f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
-        run.skipped += 1
-        return None
+        return skip_nonfinite(run, out)
     for g in run.opt.param_groups:
         g["lr"] = lr_at(c, run.step, run.total_steps)
     run.opt.zero_grad(set_to_none=True)
@@ -709,6 +622,18 @@ def train_step(run, x, dead):
     run.tokens_since_fired += c.batch_size
     run.tokens_since_fired.masked_fill_(any_rank(out.fired), 0)
     return logged
+
+
+def skip_nonfinite(run, out):
+    """A batch whose activations (out None) or loss are not finite: stop with the fix, or with
+    --skip_nonfinite count it and go on -> None."""
+    c = run.c
+    if not c.skip_nonfinite:
+        what = "activations" if out is None else "loss"
+        raise UserError(f"non-finite {what} at step {run.step} (tokens {run.step * c.batch_size:,}); the last "
+                        f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
+    run.skipped += 1
+    return None
 
 
 def train(c, resume=False):
