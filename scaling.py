@@ -54,6 +54,8 @@ from gpt import UserError
 # paper's 1 / sqrt(n) rule times lr_scale, because the paper's constant was set for 131k-token
 # batches and long runs: it leaves 512-step CPU runs far from converged, larger n the furthest,
 # so that L(n) turned upward at the largest n (README, "Learning rate", has the runs that chose 4).
+# No restarts of dead latents (train.py's default): the study's results predate them, and its
+# dead-latent section measures the paper's remedies, AuxK and the init tricks, alone.
 SWEEPS = {
     # The bundled char GPT (d_model 128), sized for 2 CPU cores: 56 runs and two small GPTs (the
     # README has its wall time).
@@ -187,7 +189,7 @@ def run_argv(s, r, home, run_dir, flags, main_model):
     """train.py's command line for grid point r of preset s, resuming it if it has a checkpoint."""
     argv = ["--model", r["model"], "--out_dir", home, "--run", r["run"], "--n_latents", str(r["n"]),
             "--tokens", str(r["tokens"]), "--dead_tokens", str(s["tokens"] // 4),
-            "--lr", f"{s['lr_scale'] * train.paper_lr(r['n']):.6g}", *s["train"],
+            "--lr", f"{s['lr_scale'] * train.paper_lr(r['n']):.6g}", "--resample_every", "0", *s["train"],
             *flags(("data", "device", "dtype", "seed"))]
     argv += ["--cache", os.path.join(home, "cache")] if s["cache"] else []
     argv += flags(("model_path", "layer")) if r["model"] == main_model else []

@@ -157,6 +157,49 @@ def test_relu_baseline_loss_is_fvu_plus_weighted_l1():
     assert torch.equal(out.fired, (z > 0).any(0))
 
 
+# ---- resampling dead latents ----
+
+@FEW
+@given(setups(), st.data())
+def test_resample_starts_each_latent_on_one_badly_reconstructed_input(setup, data):
+    """Each restarted latent gets its own input (drawn without replacement): its decoder row is
+    that input's unit residual under the other latents' TopK code, its encoder row points at
+    the input at the others' mean encoder norm, and its pre-activation there is a tenth of the
+    way from the input's k-th largest pre-activation among the others to its largest. No other latent changes; at most B // 2 and n - k restart."""
+    d, n, k, B, seed, scale = setup
+    if n - k < 1:
+        return
+    sae, x = make(d, n, k, seed), inputs(B, d, seed, scale)
+    x_n = sae.normalize_input(x)[0]
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:data.draw(st.integers(1, n - 1))]
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    others = torch.ones(n, dtype=torch.bool).index_fill_(0, idx[:min(len(idx), B // 2, n - k)], False)
+    pre = sae.preacts(x_n).detach().masked_fill(~others, float("-inf"))
+    top = pre.topk(k, dim=1)
+    kth, top1 = top.values[:, -1].relu(), top.values[:, 0].relu()  # the code's values are ReLU'd
+    at = kth + 0.1 * (top1 - kth)  # a tenth of the way up from the k-th
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    e = x_n - (z @ before["W_dec"] + sae.b_pre.detach())
+    norm = before["W_enc"][others].norm(dim=1).mean()
+
+    twin = make(d, n, k, seed)  # given the others' code, as a training step has it: the same restarts
+    twin.resample(idx, x_n, code=(top.values.relu(), x_n - e), generator=torch.Generator().manual_seed(seed))
+    done = sae.resample(idx, x_n, generator=torch.Generator().manual_seed(seed))
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(getattr(twin, name), p)
+    assert torch.equal(done, idx[:len(done)]) and len(done) == min(len(idx), B // 2, n - k, int((e.norm(dim=1) > 0).sum()))
+    r = x_n - sae.b_pre.detach()
+    inputs_of = (torch.nn.functional.normalize(sae.W_enc[done].detach(), dim=1) @ torch.nn.functional.normalize(r, dim=1).t()).argmax(1)
+    assert len(set(inputs_of.tolist())) == len(done)  # one input each
+    torch.testing.assert_close(sae.W_dec[done].detach(), torch.nn.functional.normalize(e[inputs_of], dim=1))
+    torch.testing.assert_close(sae.W_enc[done].detach().norm(dim=1), norm.expand(len(done)))
+    torch.testing.assert_close(sae.preacts(x_n).detach()[inputs_of, done], at[inputs_of])
+    kept = torch.ones(n, dtype=torch.bool).index_fill_(0, done, False)
+    for name in ("W_enc", "W_dec", "b_enc"):
+        assert torch.equal(getattr(sae, name).detach()[kept], before[name][kept])
+    assert torch.equal(sae.b_pre.detach(), before["b_pre"])
+
+
 # ---- since the paper: BatchTopK and Matryoshka ----
 
 @FEW

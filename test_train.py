@@ -59,6 +59,24 @@ def test_auxk_leaves_fewer_latents_dead_at_a_high_learning_rate(tmp_path):
     assert dead["aux"] < dead["noaux"] - 0.02, dead
 
 
+def test_resampling_restarts_dead_latents_and_leaves_fewer_dead(tmp_path):
+    """--resample_every restarts the latents that are dead (train.resample_dead), the log and the
+    checkpoint count the restarts, and the run ends with fewer dead latents than the same run
+    without it, at the high learning rate where latents die."""
+    gpt.main(["--preset", "tiny", "--iters", "1", "--out_dir", str(tmp_path / "gpt"), "--eval_windows", "4"])
+    args = ["--model", str(tmp_path / "gpt" / "ckpt.pt"), "--out_dir", str(tmp_path), "--n_latents", "512",
+            "--k", "4", "--lr", "1e-2", "--tokens", "100000", "--batch_size", "512", "--ctx_len", "32",
+            "--shuffle_tokens", "8192", "--eval_tokens", "2048", "--log_every", "10", "--dead_tokens", "10000"]
+    dead, logs = {}, {}
+    for name, extra in (("plain", ["--resample_every", "0"]), ("resampled", ["--resample_every", "2048"])):
+        ck = train.main(args + ["--run", name] + extra)
+        dead[name] = ck["metrics"]["dead_frac"]
+        logs[name] = [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
+    assert all(r["restarts"] == 0 for r in logs["plain"]) and logs["resampled"][-1]["restarts"] > 0
+    assert ck["restarts"] == logs["resampled"][-1]["restarts"]
+    assert dead["resampled"] < dead["plain"] - 0.02, dead
+
+
 def test_batchtopk_matryoshka_run_records_its_settings_and_threshold(tiny_batchtopk_ckpt):
     """The checkpoint records the activation and the prefixes; the threshold is saved with the
     weights and their EMA; the held-out summary, taken with the JumpReLU code, keeps about k
@@ -202,9 +220,11 @@ def final_state(path):
 
 def test_resume_after_sigkill_is_bitwise_exact(tiny_gpt_ckpt, tmp_path):
     """Killed during steps and during a checkpoint write, resumed each time: the final
-    parameters, EMA, Adam state and dead-latent counters equal an uninterrupted run's."""
+    parameters, EMA, Adam state and dead-latent counters equal an uninterrupted run's, with a
+    learning-rate schedule and dead latents restarted along the way."""
     base = [sys.executable, "-c", FAULTY_TRAIN.format(here=HERE), "--model", tiny_gpt_ckpt,
-            "--out_dir", str(tmp_path), *RUN, "--lr_warmup", "0.1", "--lr_decay", "0.3"]  # lr a function of step
+            "--out_dir", str(tmp_path), *RUN, "--lr_warmup", "0.1", "--lr_decay", "0.3",  # lr a function of step
+            "--dead_tokens", "1024", "--resample_every", "1024"]  # restarts drawn from a per-step generator
 
     def run(run_name, fault, *extra):
         env = dict(os.environ, FAULT=fault)
@@ -223,6 +243,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tiny_gpt_ckpt, tmp_path):
     check(run("crashy", "step:9", "--resume"), -9)
     check(run("crashy", "none:0", "--resume"), 0)
     assert_same_state(final_state(tmp_path / "whole" / "ckpt.pt"), final_state(ckpt))
+    assert torch.load(ckpt, weights_only=True)["restarts"] > 0
 
 
 def test_nonfinite_activations_stop_or_skip(tiny_gpt_ckpt, tmp_path, monkeypatch):

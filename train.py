@@ -79,7 +79,9 @@ class TrainConfig:
     tokens: int = flag(4_000_000, "training tokens")
     batch_size: int = flag(4096, "tokens per optimizer step, all processes together (under torchrun each "
                            "process takes batch_size / processes)")
-    lr: float = flag(0.0, "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14)")
+    lr: float = flag(0.0, "Adam learning rate; 0 means --lr_scale times the paper's 2e-4 / sqrt(n_latents / 2^14)")
+    lr_scale: float = flag(4.0, "with --lr 0, the learning rate in multiples of the paper's rule; 1 is the paper's "
+                           "(README: the default recipe)")
     lr_warmup: float = flag(0.0, "share of the steps over which the learning rate rises linearly from 0 "
                             "at the start; 0: none")
     lr_decay: float = flag(0.0, "share of the steps over which the learning rate falls linearly to 0 at "
@@ -88,6 +90,9 @@ class TrainConfig:
     grad_clip: float = flag(0.0, "clip the gradient norm to this; 0 is off")
     dead_tokens: int = flag(0, "a latent is dead after this many tokens without firing; 0 means "
                             "min(10M, tokens/4)")
+    resample_every: int = flag(-1, "tokens between restarts of the dead latents on badly reconstructed inputs "
+                               "(Bricken et al. 2023; sae.py's SAE.resample); 0 is off (the paper's recipe); -1 "
+                               "means every third step for a TopK SAE in one latent group, else off")
     shuffle_tokens: int = flag(1 << 18, "activations generated per chunk and shuffled together (rounded "
                                "to a multiple of --batch_size)")
     seed: int = flag(0, "random seed (SAE init, contexts, shuffling)")
@@ -115,7 +120,9 @@ class TrainConfig:
     def resolve(self):
         """Fill the defaults that depend on other fields."""
         if not self.lr:
-            self.lr = paper_lr(self.n_latents)
+            self.lr = self.lr_scale * paper_lr(self.n_latents)
+        if self.resample_every == -1:
+            self.resample_every = 3 * self.batch_size if self.activation == "topk" and self.latent_shards == 1 else 0
         if not self.dead_tokens:
             # The paper's 10M tokens, capped at a quarter of the run so that AuxK can start in a
             # short one. Not shorter: a rare latent of a short run (n 32768, k 32: 4 firings per
@@ -176,10 +183,12 @@ RULES = {
     "auxk_coef": gpt.Number(0, 1e3), "activation": gpt.OneOf(("topk", "batchtopk", "relu")),
     "l1_coef": gpt.Number(0, 1e6), "matryoshka": check_prefixes,
     "tokens": gpt.Number(1, 10 ** 13), "batch_size": gpt.Number(2, 1 << 24),
-    "lr": gpt.Number(0, 1, note="0: 2e-4 / sqrt(n_latents / 2^14)"),
+    "lr": gpt.Number(0, 1, note="0: --lr_scale times 2e-4 / sqrt(n_latents / 2^14)"),
     "lr_warmup": gpt.Number(0, 1, note="a share of the steps"), "lr_decay": gpt.Number(0, 1, note="a share of the steps"),
     "ema_decay": gpt.Number(0, 1, open_hi=True), "grad_clip": gpt.Number(0, 1e6, note="0: off"),
-    "dead_tokens": gpt.Number(0, 10 ** 13, note="0: min(10M, tokens / 4)"), "shuffle_tokens": gpt.Number(1, 1 << 30),
+    "dead_tokens": gpt.Number(0, 10 ** 13, note="0: min(10M, tokens / 4)"),
+    "resample_every": gpt.Number(-1, 10 ** 13, note="0: off, -1: every third step"),
+    "lr_scale": gpt.Number(0, 1e3, open_lo=True), "shuffle_tokens": gpt.Number(1, 1 << 30),
     "seed": gpt.SEED, "shards": gpt.Number(0, 1 << 16, note="0: one per process"),
     "latent_shards": gpt.Number(1, 1 << 16, note="1: off"),
     "cache": gpt.OutputDir(), "out_dir": gpt.OutputDir(), "run": check_run_name,
@@ -200,6 +209,9 @@ def check_config(c):
     if c.ctx_len < 2 and not c.include_first:
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
     sharding.check_latent_shards(c, world_size())
+    if c.resample_every and (c.activation != "topk" or c.latent_shards > 1):
+        raise UserError(f"--resample_every {c.resample_every} restarts the latents of a TopK SAE in one process's "
+                        f"latent group: pass --resample_every 0, or --activation topk with --latent_shards 1")
     world = world_size() // c.latent_shards  # the data-parallel replicas: a latent group reads one batch
     shards = c.shards or world
     if c.shards < 0 or shards % world:
@@ -493,6 +505,7 @@ class Run:
     total_steps: int
     step: int = 0
     skipped: int = 0  # non-finite batches skipped (--skip_nonfinite)
+    restarts: int = 0  # latents restarted (--resample_every)
     grid: "sharding.LatentGrid | None" = None  # --latent_shards > 1: this process's place among the shards
 
     def checkpoint(self, metrics):
@@ -500,7 +513,8 @@ class Run:
         return {"sae_config": asdict(sae.cfg), "sae": sae.state_dict(), "ema": self.ema.shadow,
                 "ema_steps": self.ema.steps, "train_config": asdict(c), "subject": self.subject,
                 "step": self.step, "tokens_seen": self.step * c.batch_size, "optimizer": self.opt.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired, "skipped": self.skipped, "metrics": metrics}
+                "tokens_since_fired": self.tokens_since_fired, "skipped": self.skipped, "restarts": self.restarts,
+                "metrics": metrics}
 
 
 def start_run(c, resume):
@@ -570,7 +584,7 @@ def restore(run):
     run.sae.load_state_dict(ck["sae"])
     run.opt.load_state_dict(ck["optimizer"])
     run.tokens_since_fired = ck["tokens_since_fired"].to(run.c.device)
-    run.step, run.skipped = ck["step"], ck["skipped"]
+    run.step, run.skipped, run.restarts = ck["step"], ck["skipped"], ck.get("restarts", 0)
     if run.main_rank:
         print(f"resuming {run.ckpt_path} at step {run.step} ({run.step * run.c.batch_size:,} tokens) "
               f"with the run's saved settings")
@@ -621,7 +635,40 @@ def train_step(run, x, dead):
     # (fired on any rank: the ranks agree on which latents are dead)
     run.tokens_since_fired += c.batch_size
     run.tokens_since_fired.masked_fill_(any_rank(out.fired), 0)
+    tokens = (run.step + 1) * c.batch_size
+    if c.resample_every and tokens // c.resample_every > (tokens - c.batch_size) // c.resample_every:
+        run.restarts += resample_dead(run, x, out)
     return logged
+
+
+def resample_dead(run, x, out):
+    """Restart the latents dead now (SAE.resample), longest dead first, on inputs of the batch x
+    that this step's code `out` reconstructed worst (a dead latent is not in it), with fresh
+    Adam moments (m 0, v the other rows' mean, so that the first steps are not outsized) and
+    the EMA's rows set to the new weights -> how many were restarted."""
+    c, sae = run.c, run.sae
+    dead = (run.tokens_since_fired >= c.dead_tokens).nonzero().squeeze(1)
+    if not len(dead):
+        return 0
+    dead = dead[run.tokens_since_fired[dead].argsort(descending=True, stable=True)]
+    g = torch.Generator(device=x.device).manual_seed(c.seed * 1_000_003 + run.step)  # resumable
+    x_n, mu, scale = sae.normalize_input(x)
+    idx = sae.resample(dead, x_n, code=(out.vals, (out.x_hat - mu) / scale), generator=g)
+    if dist.is_initialized():  # DDP: every rank takes rank 0's restarts (its batch was rank 0's own)
+        m = torch.tensor(len(idx), device=x.device)
+        dist.broadcast(m, 0)
+        idx = dead[:int(m)]
+        for p in (sae.W_enc, sae.W_dec, sae.b_enc):
+            dist.broadcast(p.data, 0)
+    others = torch.ones(c.n_latents, dtype=torch.bool, device=idx.device).index_fill_(0, idx, False)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc"):
+            p = getattr(sae, name)
+            st = run.opt.state[p]
+            st["exp_avg"][idx] = 0
+            st["exp_avg_sq"][idx] = st["exp_avg_sq"][others].mean(0)
+            run.ema.shadow[name][idx] = p[idx]
+    return len(idx)
 
 
 def skip_nonfinite(run, out):
@@ -672,7 +719,7 @@ def log_step(run, logged, dead, elapsed, bar):
     """A log.jsonl record and the progress bar's metrics."""
     rec = {"step": run.step, "tokens": run.step * run.c.batch_size,
            **dict(zip(("loss", "fvu", "aux_loss", "l0"), logged.tolist())),
-           "dead_frac": dead.float().mean().item(), "skipped": run.skipped, "elapsed_s": round(elapsed, 2)}
+           "dead_frac": dead.float().mean().item(), "skipped": run.skipped, "restarts": run.restarts, "elapsed_s": round(elapsed, 2)}
     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.3f}",
                     aux=f"{rec['aux_loss']:.3f}")
     with open(run.log_path, "a") as f:
@@ -693,7 +740,7 @@ def finish(run, train_s, tokens_trained):
     dead = sharding.group_latents(run, run.tokens_since_fired >= c.dead_tokens)  # sharded: a collective
     metrics.update(dead_frac=dead.float().mean().item(), train_seconds=round(train_s, 1),
                    tokens_per_s=round(tokens_trained / max(train_s, 1e-9)),
-                   skipped=run.skipped)
+                   skipped=run.skipped, restarts=run.restarts)
     ck = run.checkpoint(metrics)
     if run.grid:
         sharding.save_checkpoint(run, metrics)
