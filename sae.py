@@ -1,8 +1,10 @@
 """A TopK sparse autoencoder, after Gao et al. 2024, "Scaling and evaluating sparse
 autoencoders" (arXiv 2406.04093), in the paper's order: input normalization (§2.1), the
 TopK encoder (§2.3), the decoder and the FVU loss (§2.1), AuxK for dead latents (§2.4,
-App. A.2), Multi-TopK (§5.3), the ReLU + L1 baseline (§2.2), TopK's successors since the
-paper (BatchTopK, Matryoshka), then the initialization and the decoder constraint (App. A.1).
+App. A.2), Multi-TopK (§5.3), the ReLU + L1 baseline (§2.2), restarting dead latents (the
+resampling of Bricken et al. 2023, which AuxK replaced; train.py's default recipe uses both),
+TopK's successors since the paper (BatchTopK, Matryoshka), then the initialization and the
+decoder constraint (App. A.1).
 SAE.recon_dense is the whole training forward in plain torch ops; the fast path that
 training runs (kernels.py) gives the same numbers.
 
@@ -273,9 +275,10 @@ class SAE(nn.Module):
         losses = (self.total_loss(main, zero, zero, l1), main, zero, zero, zero, l1)
         return self._output(losses, z, idx, x_hat, mu, scale)
 
-    # ---- before AuxK: resampling dead latents (Bricken et al. 2023) ----
-    # The remedy of the paper's predecessors, for what AuxK does not revive here (README: "Dead
-    # latents and the recipe"); train.py decides when, and resets the optimizer's rows.
+    # ---- before AuxK: restarting dead latents (Bricken et al. 2023's resampling) ----
+    # The paper's predecessors' remedy, for the latents AuxK does not revive at the default
+    # recipe's learning rate (README: "The default recipe"); train.py decides when, and
+    # restarts the optimizer's and the EMA's rows.
 
     @torch.no_grad()
     def resample(self, idx, x_n, code=None, generator=None):
@@ -302,14 +305,6 @@ class SAE(nn.Module):
         idx = idx[:int((w > 0).sum())]  # an input reconstructed exactly has no residual to start on
         if not len(idx):
             return idx
-        pick = torch.multinomial(w, len(idx), replacement=False, generator=generator)  # (m,) inputs
-        r = x_n[pick] - self.b_pre  # (m, d): the inputs as the encoder sees them
-        scale = self.W_enc[others].norm(dim=1).mean()
-        self.W_dec[idx] = F.normalize(e[pick], dim=1)
-        self.W_enc[idx] = F.normalize(r, dim=1) * scale
-        kth, top1 = vals[pick, -1], vals[pick, 0]
-        self.b_enc[idx] = kth + 0.1 * (top1 - kth) - scale * r.norm(dim=1)
-        return idx
         pick = torch.multinomial(w, len(idx), replacement=False, generator=generator)  # (m,) inputs
         r = x_n[pick] - self.b_pre  # (m, d): the inputs as the encoder sees them
         scale = self.W_enc[others].norm(dim=1).mean()
