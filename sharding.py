@@ -83,6 +83,16 @@ def any_rank_max(t):
     return t
 
 
+def global_batch(t):
+    """This rank's rows of a batch (B_rank, ...) -> every rank's, in rank order (B, ...): the batch
+    one process reading every data shard would have (each rank holds an equal share)."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def step_loss(sae, x, out, group=None):
     """-> (the loss this rank backpropagates, the global batch's [loss, fvu, aux_loss, l0], whether
     the loss is finite on every rank). Without DDP: out's own numbers. With DDP: the FVU terms

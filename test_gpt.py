@@ -182,12 +182,28 @@ def test_from_pretrained_offline_message(tmp_path, monkeypatch):
         GPT.from_pretrained("gpt5")
 
 
+@contextlib.contextmanager
+def pypi_kernels():
+    """Let `import kernels` find Hugging Face's package of that name (transformers imports it when
+    installed) instead of this project's kernels.py, which stays loaded for the project's modules."""
+    ours = sys.modules.pop("kernels", None)
+    path = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        if ours is not None:
+            sys.modules["kernels"] = ours
+
+
 def test_logits_match_transformers():
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with pypi_kernels():
+        hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     with torch.no_grad():  # HF initializes biases to zero: randomize everything
         for p in hf.parameters():
             p.normal_(0, 0.1)

@@ -54,10 +54,11 @@ def test_randn_rows_are_the_full_draws_rows():
 # --- end-to-end: torchrun --latent_shards M against one process --------------------------------
 
 # 8 steps of 512 tokens from 2 data shards (so that a 2 x 2 grid's replicas read one each), a
-# checkpoint every 4; AuxK starts after 2 steps
+# checkpoint every 4; AuxK starts after 2 steps; no restarts of dead latents, which a sharded
+# run does not make (the one-process reference would by default)
 SHARD_RUN = ["--n_latents", "128", "--k", "4", "--ctx_len", "32", "--tokens", "4096", "--batch_size", "512",
              "--shuffle_tokens", "2048", "--eval_tokens", "512", "--dead_tokens", "1024", "--ckpt_every", "2048",
-             "--log_every", "1", "--shards", "2"]
+             "--log_every", "1", "--shards", "2", "--resample_every", "0"]
 
 # train.py under torchrun or plain python, recording each training step's codes (sorted latent
 # ids per token) in STATE_DIR/codes<RANK>.pt; DTYPE=float64 trains the SAE in float64; rank 1

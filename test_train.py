@@ -49,7 +49,7 @@ def test_auxk_leaves_fewer_latents_dead_at_a_high_learning_rate(tmp_path):
     gpt.main(["--preset", "tiny", "--iters", "1", "--out_dir", str(tmp_path / "gpt"), "--eval_windows", "4"])
     args = ["--model", str(tmp_path / "gpt" / "ckpt.pt"), "--out_dir", str(tmp_path), "--n_latents", "512",
             "--k", "4", "--lr", "1e-2", "--tokens", "100000", "--batch_size", "512", "--ctx_len", "32",
-            "--shuffle_tokens", "8192", "--eval_tokens", "2048", "--log_every", "10"]
+            "--shuffle_tokens", "8192", "--eval_tokens", "2048", "--log_every", "10", "--resample_every", "0"]
     logs, dead = {}, {}
     for name, extra in (("aux", []), ("noaux", ["--no_auxk"])):
         dead[name] = train.main(args + ["--run", name] + extra)["metrics"]["dead_frac"]
@@ -327,6 +327,7 @@ def test_ddp_two_processes_match_one_and_resume(tiny_gpt_ckpt, tmp_path):
         for key in ("loss", "fvu", "aux_loss", "l0", "dead_frac"):
             assert logs["ddp"][step][key] == pytest.approx(rec[key], rel=1e-5, abs=1e-6), (step, key)
     assert any(rec["aux_loss"] > 0 for rec in logs["one"].values())  # AuxK ran, on the all-reduced dead mask
+    assert ck["restarts"] > 0  # and restarts, drawn from the whole batch on every rank
 
 
 def test_shard_and_batch_flags(tiny_gpt_ckpt, tmp_path):

@@ -209,7 +209,7 @@ def check_config(c):
     if c.ctx_len < 2 and not c.include_first:
         raise UserError(f"--ctx_len {c.ctx_len} leaves no tokens once position 0 is excluded: use 2 or more")
     sharding.check_latent_shards(c, world_size())
-    if c.resample_every and (c.activation != "topk" or c.latent_shards > 1):
+    if c.resample_every > 0 and (c.activation != "topk" or c.latent_shards > 1):  # -1: on where it can be
         raise UserError(f"--resample_every {c.resample_every} restarts the latents of a TopK SAE in one process's "
                         f"latent group: pass --resample_every 0, or --activation topk with --latent_shards 1")
     world = world_size() // c.latent_shards  # the data-parallel replicas: a latent group reads one batch
@@ -643,9 +643,9 @@ def train_step(run, x, dead):
 
 def resample_dead(run, x, out):
     """Restart the latents dead now (SAE.resample), longest dead first, on inputs of the batch x
-    that this step's code `out` reconstructed worst (a dead latent is not in it), with fresh
-    Adam moments (m 0, v the other rows' mean, so that the first steps are not outsized) and
-    the EMA's rows set to the new weights -> how many were restarted."""
+    (all ranks' under DDP) that this step's code `out` reconstructed worst (a dead latent is not
+    in it), with fresh Adam moments (m 0, v the other rows' mean, so that the first steps are
+    not outsized) and the EMA's rows set to the new weights -> how many were restarted."""
     c, sae = run.c, run.sae
     dead = (run.tokens_since_fired >= c.dead_tokens).nonzero().squeeze(1)
     if not len(dead):
@@ -653,13 +653,9 @@ def resample_dead(run, x, out):
     dead = dead[run.tokens_since_fired[dead].argsort(descending=True, stable=True)]
     g = torch.Generator(device=x.device).manual_seed(c.seed * 1_000_003 + run.step)  # resumable
     x_n, mu, scale = sae.normalize_input(x)
-    idx = sae.resample(dead, x_n, code=(out.vals, (out.x_hat - mu) / scale), generator=g)
-    if dist.is_initialized():  # DDP: every rank takes rank 0's restarts (its batch was rank 0's own)
-        m = torch.tensor(len(idx), device=x.device)
-        dist.broadcast(m, 0)
-        idx = dead[:int(m)]
-        for p in (sae.W_enc, sae.W_dec, sae.b_enc):
-            dist.broadcast(p.data, 0)
+    # DDP: every rank draws from the whole batch, as one process would, so the ranks restart alike
+    x_n, vals, x_hat_n = (sharding.global_batch(t) for t in (x_n, out.vals, (out.x_hat - mu) / scale))
+    idx = sae.resample(dead, x_n, code=(vals, x_hat_n), generator=g)
     others = torch.ones(c.n_latents, dtype=torch.bool, device=idx.device).index_fill_(0, idx, False)
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc"):
