@@ -289,9 +289,9 @@ class SAE(nn.Module):
         points at the input, x_n - b_pre, at the other latents' mean encoder norm, and b_enc
         puts its pre-activation there a tenth of the way from the input's k-th largest to its
         largest, so that it fires there and on near neighbours only. code: that code's values
-        (B, k, ReLU'd), sorted descending, and x_hat_n (B, d), if the caller has them (a training step
-        whose dead latents idx did not fire); else computed here. -> the latents restarted, the
-        first of idx."""
+        (B, k), ReLU'd and sorted descending, and x_hat_n (B, d), if the caller has them (a
+        training step in which the latents idx did not fire); else computed here. -> the
+        latents restarted, the first of idx."""
         n, k = self.cfg.n_latents, self.cfg.k
         idx = idx[:max(0, min(len(x_n) // 2, n - k))]  # n - k: the others still fill a TopK code
         others = torch.ones(n, dtype=torch.bool, device=idx.device).index_fill_(0, idx, False)

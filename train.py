@@ -715,7 +715,8 @@ def log_step(run, logged, dead, elapsed, bar):
     """A log.jsonl record and the progress bar's metrics."""
     rec = {"step": run.step, "tokens": run.step * run.c.batch_size,
            **dict(zip(("loss", "fvu", "aux_loss", "l0"), logged.tolist())),
-           "dead_frac": dead.float().mean().item(), "skipped": run.skipped, "restarts": run.restarts, "elapsed_s": round(elapsed, 2)}
+           "dead_frac": dead.float().mean().item(), "skipped": run.skipped, "restarts": run.restarts,
+           "elapsed_s": round(elapsed, 2)}
     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.3f}",
                     aux=f"{rec['aux_loss']:.3f}")
     with open(run.log_path, "a") as f:
