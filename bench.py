@@ -388,6 +388,7 @@ def _shard_worker(rank, M, port, shape, args, q):
     peak = memory_peak("cpu")
     q.put((rank, statistics.median(times), None if base is None else peak - base))
     if M > 1:
+        dist.barrier()  # every rank done before any tears gloo down: a peer gone mid-exit aborts the others
         dist.destroy_process_group()
 
 
