@@ -5,8 +5,8 @@ A GPT-2 written from scratch (pre-LayerNorm blocks, fused qkv, causal attention,
 MLP, learned positions, tied embeddings). Module names equal Hugging Face GPT-2 keys
 (`transformer.h.0.attn.c_attn`, ...), so loading OpenAI's weights is a copy (plus the
 transpose of HF's Conv1D weights). Also here, because every other file stands on them:
-the two tokenizers, the bundled corpus and its held-out split, checkpoint I/O, and the
-user-error convention of every command line in the project.
+the two tokenizers, the bundled corpus and its held-out split, checkpoint I/O and the run
+directory's lock (one writer), and the user-error convention of every command line in the project.
 
     python gpt.py                  # pretrain the default char-level Shakespeare GPT (CPU, ~5 min)
     python gpt.py --preset gpu     # nanoGPT's "baby GPT" (6x384, block 256, dropout 0.2)
@@ -14,11 +14,13 @@ user-error convention of every command line in the project.
 """
 
 import argparse
+import fcntl
 import hashlib
 import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -621,6 +623,73 @@ def load_subject_model(model, model_path=None):
     for p in net.parameters():
         p.requires_grad_(False)
     return net, tok, {"model": model, "path": os.path.abspath(file), "sha256": file_sha256(file)}
+
+
+# -----------------------------------------------------------------------------
+# The run directory (train.py's): one writer at a time, nothing left by a start that fails
+
+LOCK = ".lock"  # in the run directory, held by the one train.py writing it; holds its pid
+
+
+def lock_file(path, wait=False):
+    """An exclusive flock on `path` (created if missing) -> (the open file, which holds it until
+    closed, None), or (None, the holder's pid) when another process holds it and not wait.
+    The OS drops the lock when its holder dies, killed or not: a stale lock blocks nobody."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return None, holder
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f, None
+
+
+def claim_run_dir(run_dir, resume, overwrite):
+    """Make run_dir this process's -> (its held lock file, the directories made for it, deepest
+    first). Refused while another train.py holds the lock. A new run empties the directory if
+    --overwrite asks to, or if a start that failed left it (a lock file and no checkpoint); any
+    other existing directory is refused, as is a --resume without a checkpoint (resumed_config)."""
+    made, top = [], run_dir
+    while top and not os.path.exists(top):
+        made.append(top)
+        top = os.path.dirname(top)
+    lock_path, ckpt = os.path.join(run_dir, LOCK), os.path.join(run_dir, "ckpt.pt")
+    exists = UserError(f"{run_dir} already exists: pass --run NAME for a new run, --resume to continue it, "
+                       f"or --overwrite to replace it")
+    if not (made or resume or overwrite or os.path.exists(lock_path)):
+        raise exists  # a directory no train.py made: nothing here is ours to empty
+    os.makedirs(run_dir, exist_ok=True)
+    lock, holder = lock_file(lock_path)
+    if lock is None:
+        raise UserError(f"{run_dir} is in use by another train.py (pid {holder}): wait for it to end"
+                        + ("" if resume else ", or pass --run NAME for a new run"))
+    if not resume:
+        if os.path.exists(ckpt) and not overwrite:
+            lock.close()
+            raise exists
+        for name in set(os.listdir(run_dir)) - {LOCK}:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    return lock, made
+
+
+def discard_failed_start(run_dir, made):
+    """After a new run failed: if it wrote no checkpoint, remove its directory and the parents
+    made for it (those left empty), so that the same command, corrected, simply runs."""
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for d in made[1:]:
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 # -----------------------------------------------------------------------------

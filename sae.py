@@ -1,10 +1,8 @@
 """A TopK sparse autoencoder, after Gao et al. 2024, "Scaling and evaluating sparse
 autoencoders" (arXiv 2406.04093), in the paper's order: input normalization (§2.1), the
 TopK encoder (§2.3), the decoder and the FVU loss (§2.1), AuxK for dead latents (§2.4,
-App. A.2), Multi-TopK (§5.3), the ReLU + L1 baseline (§2.2), restarting dead latents (the
-resampling of Bricken et al. 2023, which AuxK replaced; train.py's default recipe uses both),
-TopK's successors since the paper (BatchTopK, Matryoshka), then the initialization and the
-decoder constraint (App. A.1).
+App. A.2), Multi-TopK (§5.3), the ReLU + L1 baseline (§2.2), TopK's successors since the
+paper (BatchTopK, Matryoshka), then the initialization and the decoder constraint (App. A.1).
 SAE.recon_dense is the whole training forward in plain torch ops; the fast path that
 training runs (kernels.py) gives the same numbers.
 
@@ -274,45 +272,6 @@ class SAE(nn.Module):
         idx = torch.arange(self.cfg.n_latents, device=z.device).expand_as(z)
         losses = (self.total_loss(main, zero, zero, l1), main, zero, zero, zero, l1)
         return self._output(losses, z, idx, x_hat, mu, scale)
-
-    # ---- before AuxK: restarting dead latents (Bricken et al. 2023's resampling) ----
-    # The paper's predecessors' remedy, for the latents AuxK does not revive at the default
-    # recipe's learning rate (README: "The default recipe"); train.py decides when, and
-    # restarts the optimizer's and the EMA's rows.
-
-    @torch.no_grad()
-    def resample(self, idx, x_n, code=None, generator=None):
-        """Restart the latents idx (m,) on inputs of x_n (B, d, normalized) that the other
-        latents' TopK code reconstructs worst: at most B // 2 inputs, drawn without replacement
-        with probability proportional to ||e||^2, e = x_n - x_hat_n. Each restarted latent's
-        decoder row is its input's e / ||e|| (it adds what the input lacks); its encoder row
-        points at the input, x_n - b_pre, at the other latents' mean encoder norm, and b_enc
-        puts its pre-activation there a tenth of the way from the input's k-th largest to its
-        largest, so that it fires there and on near neighbours only. code: that code's values
-        (B, k), ReLU'd and sorted descending, and x_hat_n (B, d), if the caller has them (a
-        training step in which the latents idx did not fire); else computed here. -> the
-        latents restarted, the first of idx."""
-        n, k = self.cfg.n_latents, self.cfg.k
-        idx = idx[:max(0, min(len(x_n) // 2, n - k))]  # n - k: the others still fill a TopK code
-        others = torch.ones(n, dtype=torch.bool, device=idx.device).index_fill_(0, idx, False)
-        if code is None:
-            pre = self.preacts(x_n).masked_fill_(~others, float("-inf"))  # (B, n): the others' only
-            vals, top = kernels.topk(pre, k)  # (B, k)
-            code = vals.relu(), self.decode_sparse(vals.relu(), top)  # the code's values, as forward's
-        vals, x_hat_n = code
-        e = x_n - x_hat_n  # (B, d)
-        w = e.pow(2).sum(1)  # (B,)
-        idx = idx[:int((w > 0).sum())]  # an input reconstructed exactly has no residual to start on
-        if not len(idx):
-            return idx
-        pick = torch.multinomial(w, len(idx), replacement=False, generator=generator)  # (m,) inputs
-        r = x_n[pick] - self.b_pre  # (m, d): the inputs as the encoder sees them
-        scale = self.W_enc[others].norm(dim=1).mean()
-        self.W_dec[idx] = F.normalize(e[pick], dim=1)
-        self.W_enc[idx] = F.normalize(r, dim=1) * scale
-        kth, top1 = vals[pick, -1], vals[pick, 0]
-        self.b_enc[idx] = kth + 0.1 * (top1 - kth) - scale * r.norm(dim=1)
-        return idx
 
     # ---- since the paper: BatchTopK and Matryoshka ----
     # BatchTopK's code (recon_dense) needs a batch: the evaluated SAE is a JumpReLU at a tracked

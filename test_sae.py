@@ -1,13 +1,11 @@
 """Tests for sae.py, ordered like it: the config's checks, input normalization (paper §2.1),
 the TopK code (§2.3) and where its gradients go, the losses with known answers (FVU, AuxK,
-Multi-TopK, ReLU + L1), restarts of dead latents, the initialization and the decoder
-constraint (App. A.1), bad input,
+Multi-TopK, ReLU + L1), the initialization and the decoder constraint (App. A.1), bad input,
 checkpoints, and two short training runs on known directions. The fast path's equality with
 the dense reference is test_kernels.py's."""
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
-from torch.nn.functional import normalize
+from hypothesis import given, strategies as st
 
 from conftest import FEW, inputs, make, setups
 from sae import SAE, SAEConfig, fvu, geometric_median
@@ -157,49 +155,6 @@ def test_relu_baseline_loss_is_fvu_plus_weighted_l1():
     torch.testing.assert_close(out.loss, fvu(x_n, sae.decode(z)) + 0.1 * l1)
     torch.testing.assert_close(out.x_hat, sae.reconstruct(x))
     assert torch.equal(out.fired, (z > 0).any(0))
-
-
-# ---- restarting dead latents ----
-
-@FEW
-@given(setups(), st.data())
-def test_resample_starts_each_latent_on_one_badly_reconstructed_input(setup, data):
-    """Each restarted latent gets its own input (drawn without replacement): its decoder row is
-    that input's unit residual under the other latents' TopK code, its encoder row points at
-    the input at the others' mean encoder norm, and its pre-activation there is a tenth of the
-    way from the input's k-th largest pre-activation among the others to its largest. Given
-    that code, as a training step has it, the restarts are the same. No other latent changes;
-    at most B // 2 and n - k restart."""
-    d, n, k, B, seed, scale = setup
-    assume(k < n)
-    sae, x = make(d, n, k, seed), inputs(B, d, seed, scale)
-    x_n = sae.normalize_input(x)[0]
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:data.draw(st.integers(1, n - 1))]
-    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
-    others = torch.ones(n, dtype=torch.bool).index_fill_(0, idx[:min(len(idx), B // 2, n - k)], False)
-    top = sae.preacts(x_n).detach().masked_fill(~others, float("-inf")).topk(k, dim=1)
-    vals = top.values.relu()  # (B, k): the code's values are ReLU'd
-    e = x_n - (torch.zeros(B, n, dtype=x_n.dtype).scatter(1, top.indices, vals) @ before["W_dec"] + before["b_pre"])
-    at = vals[:, -1] + 0.1 * (vals[:, 0] - vals[:, -1])  # a tenth of the way up from the k-th
-    norm = before["W_enc"][others].norm(dim=1).mean()
-
-    twin = make(d, n, k, seed)
-    twin.resample(idx, x_n, code=(vals, x_n - e), generator=torch.Generator().manual_seed(seed))
-    done = sae.resample(idx, x_n, generator=torch.Generator().manual_seed(seed))
-    for name, p in sae.named_parameters():
-        torch.testing.assert_close(getattr(twin, name), p)
-    assert torch.equal(done, idx[:len(done)])
-    assert len(done) == min(len(idx), B // 2, n - k, int((e.norm(dim=1) > 0).sum()))
-    W_enc, W_dec, b_pre = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_pre.detach()
-    inputs_of = (normalize(W_enc[done], dim=1) @ normalize(x_n - b_pre, dim=1).t()).argmax(1)  # (m,)
-    assert len(set(inputs_of.tolist())) == len(done)  # one input each
-    torch.testing.assert_close(W_dec[done], normalize(e[inputs_of], dim=1))
-    torch.testing.assert_close(W_enc[done].norm(dim=1), norm.expand(len(done)))
-    torch.testing.assert_close(sae.preacts(x_n).detach()[inputs_of, done], at[inputs_of])
-    kept = torch.ones(n, dtype=torch.bool).index_fill_(0, done, False)
-    for name in ("W_enc", "W_dec", "b_enc"):
-        assert torch.equal(getattr(sae, name).detach()[kept], before[name][kept])
-    assert torch.equal(b_pre, before["b_pre"])
 
 
 # ---- since the paper: BatchTopK and Matryoshka ----

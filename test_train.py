@@ -1,5 +1,5 @@
-"""Tests for train.py: end-to-end runs on a tiny subject model, the activation stream and cache,
-the checkpoint, and command-line errors."""
+"""Tests for train.py: end-to-end runs on a tiny subject model, restarts of dead latents, the
+activation stream and cache, the checkpoint, and command-line errors."""
 
 import errno
 import json
@@ -10,10 +10,12 @@ import threading
 
 import pytest
 import torch
+from hypothesis import assume, given, strategies as st
+from torch.nn.functional import normalize
 
 import gpt
 import train
-from conftest import TINY_SAE_ARGS, assert_same_state
+from conftest import FEW, TINY_SAE_ARGS, assert_same_state, inputs, make, setups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,6 +59,48 @@ def test_auxk_leaves_fewer_latents_dead_at_a_high_learning_rate(tmp_path):
     assert any(r["dead_frac"] > 0 and r["aux_loss"] > 0 for r in logs["aux"])
     assert any(r["dead_frac"] > 0 for r in logs["noaux"]) and all(r["aux_loss"] == 0 for r in logs["noaux"])
     assert dead["aux"] < dead["noaux"] - 0.02, dead
+
+
+@pytest.mark.usefixtures("one_thread")
+@FEW
+@given(setups(), st.data())
+def test_resample_starts_each_latent_on_one_badly_reconstructed_input(setup, data):
+    """Each restarted latent gets its own input (drawn without replacement): its decoder row is
+    that input's unit residual under the other latents' TopK code, its encoder row points at
+    the input at the others' mean encoder norm, and its pre-activation there is a tenth of the
+    way from the input's k-th largest pre-activation among the others to its largest. Given
+    that code, as a training step has it, the restarts are the same. No other latent changes;
+    at most B // 2 and n - k restart."""
+    d, n, k, B, seed, scale = setup
+    assume(k < n)
+    sae, x = make(d, n, k, seed), inputs(B, d, seed, scale)
+    x_n = sae.normalize_input(x)[0]
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:data.draw(st.integers(1, n - 1))]
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    others = torch.ones(n, dtype=torch.bool).index_fill_(0, idx[:min(len(idx), B // 2, n - k)], False)
+    top = sae.preacts(x_n).detach().masked_fill(~others, float("-inf")).topk(k, dim=1)
+    vals = top.values.relu()  # (B, k): the code's values are ReLU'd
+    e = x_n - (torch.zeros(B, n, dtype=x_n.dtype).scatter(1, top.indices, vals) @ before["W_dec"] + before["b_pre"])
+    at = vals[:, -1] + 0.1 * (vals[:, 0] - vals[:, -1])  # a tenth of the way up from the k-th
+    norm = before["W_enc"][others].norm(dim=1).mean()
+
+    twin = make(d, n, k, seed)
+    train.restart_latents(twin, idx, x_n, code=(vals, x_n - e), generator=torch.Generator().manual_seed(seed))
+    done = train.restart_latents(sae, idx, x_n, generator=torch.Generator().manual_seed(seed))
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(getattr(twin, name), p)
+    assert torch.equal(done, idx[:len(done)])
+    assert len(done) == min(len(idx), B // 2, n - k, int((e.norm(dim=1) > 0).sum()))
+    W_enc, W_dec, b_pre = sae.W_enc.detach(), sae.W_dec.detach(), sae.b_pre.detach()
+    inputs_of = (normalize(W_enc[done], dim=1) @ normalize(x_n - b_pre, dim=1).t()).argmax(1)  # (m,)
+    assert len(set(inputs_of.tolist())) == len(done)  # one input each
+    torch.testing.assert_close(W_dec[done], normalize(e[inputs_of], dim=1))
+    torch.testing.assert_close(W_enc[done].norm(dim=1), norm.expand(len(done)))
+    torch.testing.assert_close(sae.preacts(x_n).detach()[inputs_of, done], at[inputs_of])
+    kept = torch.ones(n, dtype=torch.bool).index_fill_(0, done, False)
+    for name in ("W_enc", "W_dec", "b_enc"):
+        assert torch.equal(getattr(sae, name).detach()[kept], before[name][kept])
+    assert torch.equal(b_pre, before["b_pre"])
 
 
 def test_resampling_restarts_dead_latents_and_leaves_fewer_dead(tmp_path):
@@ -358,8 +402,8 @@ SMALL_RUN = ["--n_latents", "64", "--k", "4", "--tokens", "2048", "--batch_size"
 KILLED_CLAIM = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
-import train
-train.claim_run_dir(sys.argv[1], sys.argv[2] == "1", False)
+import gpt
+gpt.claim_run_dir(sys.argv[1], sys.argv[2] == "1", False)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -388,7 +432,7 @@ def test_a_killed_start_or_run_leaves_a_lock_that_blocks_nothing(tiny_gpt_ckpt, 
             (run_dir / "ckpt.pt").write_bytes(open(tiny_sae_ckpt, "rb").read())  # a finished tiny run
         r = subprocess.run([sys.executable, "-c", KILLED_CLAIM.format(here=HERE), str(run_dir), resume],
                            capture_output=True, text=True, timeout=120)
-        assert r.returncode == -9 and os.path.exists(run_dir / train.LOCK), r.stderr[-2000:]
+        assert r.returncode == -9 and os.path.exists(run_dir / gpt.LOCK), r.stderr[-2000:]
     ck = train.main(["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--run", "started", *SMALL_RUN])
     assert ck["step"] == 4
     ck = train.main(["--out_dir", str(tmp_path), "--run", "resumable", "--resume"])
@@ -399,14 +443,14 @@ def test_a_run_in_use_is_refused_to_a_second_writer(tiny_sae_ckpt, tmp_path):
     run_dir = tmp_path / "busy"
     run_dir.mkdir()
     (run_dir / "ckpt.pt").write_bytes(open(tiny_sae_ckpt, "rb").read())
-    lock, _ = train.lock_file(str(run_dir / train.LOCK))  # another train.py, as far as the OS can tell
+    lock, _ = gpt.lock_file(str(run_dir / gpt.LOCK))  # another train.py, as far as the OS can tell
     try:
         for extra in (["--resume"], ["--overwrite"], []):
             with pytest.raises(gpt.UserError, match=f"busy is in use by another train.py \\(pid {os.getpid()}\\)"):
                 train.main(["--out_dir", str(tmp_path), "--run", "busy", *extra])
     finally:
         lock.close()
-    assert sorted(os.listdir(run_dir)) == [train.LOCK, "ckpt.pt"]  # and it was left alone
+    assert sorted(os.listdir(run_dir)) == [gpt.LOCK, "ckpt.pt"]  # and it was left alone
 
 
 def test_two_trainers_started_on_one_run_exactly_one_trains(tiny_gpt_ckpt, tmp_path):
@@ -456,7 +500,7 @@ def test_a_cache_half_written_is_finished_not_read_and_a_writer_is_waited_for(ti
     meta_path = tmp_path / "cache" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "chunks_done": 2, "crc32": meta["crc32"][:2]}))
-    lock, _ = train.lock_file(str(tmp_path / "cache" / ".lock"))
+    lock, _ = gpt.lock_file(str(tmp_path / "cache" / ".lock"))
     opened = []
     reader = threading.Thread(target=lambda: opened.append(train.ActivationStream(c, model, train_ids, subject)))
     reader.start()
@@ -484,6 +528,6 @@ def test_a_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(tiny_gpt_ck
     args = ["--model", tiny_gpt_ckpt, "--out_dir", str(tmp_path), "--run", "full", *RUN, "--tokens", "6144"]
     with pytest.raises(gpt.UserError, match=f"No space left on device.*disk holding {tmp_path / 'full'}.*--resume"):
         train.main(args)
-    assert sorted(os.listdir(tmp_path / "full")) == [train.LOCK, "ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path / "full")) == [gpt.LOCK, "ckpt.pt", "log.jsonl"]
     assert gpt.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"))["step"] == 4
     assert train.main(args + ["--resume"])["step"] == 12

@@ -13,11 +13,9 @@ the weights and dead-latent tracking for AuxK -> out/<run>/ckpt.pt and log.jsonl
 """
 
 import argparse
-import fcntl
 import json
 import math
 import os
-import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -25,12 +23,13 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
 import sharding
 from sharding import all_ranks, any_rank, any_rank_max, barrier, setup_distributed, step_loss, world_size
-from gpt import UserError
+from gpt import UserError, claim_run_dir, discard_failed_start, lock_file  # the run directory's
 from sae import SAE, SAEConfig, fvu
 
 
@@ -91,7 +90,7 @@ class TrainConfig:
     dead_tokens: int = flag(0, "a latent is dead after this many tokens without firing; 0 means "
                             "min(10M, tokens/4)")
     resample_every: int = flag(-1, "tokens between restarts of the dead latents on badly reconstructed inputs "
-                               "(Bricken et al. 2023; sae.py's SAE.resample); 0 is off (the paper's recipe); -1 "
+                               "(Bricken et al. 2023; train.restart_latents); 0 is off (the paper's recipe); -1 "
                                "means every third step for a TopK SAE in one latent group, else off")
     shuffle_tokens: int = flag(1 << 18, "activations generated per chunk and shuffled together (rounded "
                                "to a multiple of --batch_size)")
@@ -641,8 +640,48 @@ def train_step(run, x, dead):
     return logged
 
 
+# -----------------------------------------------------------------------------
+# Restarting dead latents: the default recipe's remedy for what AuxK does not revive at 4x the
+# paper's learning rate (README: "The default recipe"), after Bricken et al. 2023's resampling,
+# which the paper's AuxK replaced
+
+
+@torch.no_grad()
+def restart_latents(sae, idx, x_n, code=None, generator=None):
+    """Restart the latents idx (m,) of sae on inputs of x_n (B, d, normalized) that the other
+    latents' TopK code reconstructs worst: at most B // 2 inputs, drawn without replacement
+    with probability proportional to ||e||^2, e = x_n - x_hat_n. Each restarted latent's
+    decoder row is its input's e / ||e|| (it adds what the input lacks); its encoder row
+    points at the input, x_n - b_pre, at the other latents' mean encoder norm, and b_enc
+    puts its pre-activation there a tenth of the way from the input's k-th largest to its
+    largest, so that it fires there and on near neighbours only. code: that code's values
+    (B, k), ReLU'd and sorted descending, and x_hat_n (B, d), if the caller has them (a
+    training step in which the latents idx did not fire); else computed here. -> the
+    latents restarted, the first of idx."""
+    n, k = sae.cfg.n_latents, sae.cfg.k
+    idx = idx[:max(0, min(len(x_n) // 2, n - k))]  # n - k: the others still fill a TopK code
+    others = torch.ones(n, dtype=torch.bool, device=idx.device).index_fill_(0, idx, False)
+    if code is None:
+        vals, top = sae.preacts(x_n).masked_fill_(~others, float("-inf")).topk(k, dim=1)  # the others' only
+        code = vals.relu(), sae.decode_sparse(vals.relu(), top)  # the code's values, as forward's
+    vals, x_hat_n = code
+    e = x_n - x_hat_n  # (B, d)
+    w = e.pow(2).sum(1)  # (B,)
+    idx = idx[:int((w > 0).sum())]  # an input reconstructed exactly has no residual to start on
+    if not len(idx):
+        return idx
+    pick = torch.multinomial(w, len(idx), replacement=False, generator=generator)  # (m,) inputs
+    r = x_n[pick] - sae.b_pre  # (m, d): the inputs as the encoder sees them
+    scale = sae.W_enc[others].norm(dim=1).mean()
+    sae.W_dec[idx] = F.normalize(e[pick], dim=1)
+    sae.W_enc[idx] = F.normalize(r, dim=1) * scale
+    kth, top1 = vals[pick, -1], vals[pick, 0]
+    sae.b_enc[idx] = kth + 0.1 * (top1 - kth) - scale * r.norm(dim=1)
+    return idx
+
+
 def resample_dead(run, x, out):
-    """Restart the latents dead now (SAE.resample), longest dead first, on inputs of the batch x
+    """Restart the latents dead now (restart_latents), longest dead first, on inputs of the batch x
     (all ranks' under DDP) that this step's code `out` reconstructed worst (a dead latent is not
     in it), with fresh Adam moments (m 0, v the other rows' mean, so that the first steps are
     not outsized) and the EMA's rows set to the new weights -> how many were restarted."""
@@ -655,7 +694,7 @@ def resample_dead(run, x, out):
     x_n, mu, scale = sae.normalize_input(x)
     # DDP: every rank draws from the whole batch, as one process would, so the ranks restart alike
     x_n, vals, x_hat_n = (sharding.global_batch(t) for t in (x_n, out.vals, (out.x_hat - mu) / scale))
-    idx = sae.resample(dead, x_n, code=(vals, x_hat_n), generator=g)
+    idx = restart_latents(sae, dead, x_n, code=(vals, x_hat_n), generator=g)
     others = torch.ones(c.n_latents, dtype=torch.bool, device=idx.device).index_fill_(0, idx, False)
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc"):
@@ -765,73 +804,6 @@ def load_sae(path, ema=True):
     sae = SAE(SAEConfig(**ck["sae_config"]))
     sae.load_state_dict(ck["ema"] if ema else ck["sae"])
     return sae.eval(), ck
-
-
-# -----------------------------------------------------------------------------
-# The run directory: one writer at a time, nothing left by a start that fails
-
-LOCK = ".lock"  # in the run directory, held by the one train.py writing it; holds its pid
-
-
-def lock_file(path, wait=False):
-    """An exclusive flock on `path` (created if missing) -> (the open file, which holds it until
-    closed, None), or (None, the holder's pid) when another process holds it and not wait.
-    The OS drops the lock when its holder dies, killed or not: a stale lock blocks nobody."""
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        return None, holder
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f, None
-
-
-def claim_run_dir(run_dir, resume, overwrite):
-    """Make run_dir this process's -> (its held lock file, the directories made for it, deepest
-    first). Refused while another train.py holds the lock. A new run empties the directory if
-    --overwrite asks to, or if a start that failed left it (a lock file and no checkpoint); any
-    other existing directory is refused, as is a --resume without a checkpoint (resumed_config)."""
-    made, top = [], run_dir
-    while top and not os.path.exists(top):
-        made.append(top)
-        top = os.path.dirname(top)
-    lock_path, ckpt = os.path.join(run_dir, LOCK), os.path.join(run_dir, "ckpt.pt")
-    exists = UserError(f"{run_dir} already exists: pass --run NAME for a new run, --resume to continue it, "
-                       f"or --overwrite to replace it")
-    if not (made or resume or overwrite or os.path.exists(lock_path)):
-        raise exists  # a directory no train.py made: nothing here is ours to empty
-    os.makedirs(run_dir, exist_ok=True)
-    lock, holder = lock_file(lock_path)
-    if lock is None:
-        raise UserError(f"{run_dir} is in use by another train.py (pid {holder}): wait for it to end"
-                        + ("" if resume else ", or pass --run NAME for a new run"))
-    if not resume:
-        if os.path.exists(ckpt) and not overwrite:
-            lock.close()
-            raise exists
-        for name in set(os.listdir(run_dir)) - {LOCK}:
-            path = os.path.join(run_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return lock, made
-
-
-def discard_failed_start(run_dir, made):
-    """After a new run failed: if it wrote no checkpoint, remove its directory and the parents
-    made for it (those left empty), so that the same command, corrected, simply runs."""
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    for d in made[1:]:
-        try:
-            os.rmdir(d)
-        except OSError:
-            break
 
 
 # -----------------------------------------------------------------------------
