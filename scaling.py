@@ -54,8 +54,9 @@ from gpt import UserError
 # paper's 1 / sqrt(n) rule times lr_scale, because the paper's constant was set for 131k-token
 # batches and long runs: it leaves 512-step CPU runs far from converged, larger n the furthest,
 # so that L(n) turned upward at the largest n (README, "Learning rate", has the runs that chose 4).
-# No restarts of dead latents (train.py's default): the study's results predate them, and its
-# dead-latent section measures the paper's remedies, AuxK and the init tricks, alone.
+# Every run trains with train.py's default recipe, restarts of dead latents included, except the
+# dead-latent ablations, which turn restarts off to measure the paper's remedies, AuxK and the
+# init tricks, alone (and against the default).
 SWEEPS = {
     # The bundled char GPT (d_model 128), sized for 2 CPU cores: 56 runs and two small GPTs (the
     # README has its wall time).
@@ -83,7 +84,7 @@ SWEEPS = {
     # 100 GB; generated on the fly they are the same batches.
     "gpt2": dict(
         model="gpt2", cache=False, train=["--batch_size", "32768", "--shuffle_tokens", str(1 << 21), "--log_every", "10"],
-        tokens=1 << 25, lr_scale=1, n=[4096, 8192, 16384, 32768, 65536], k=[16, 32, 64, 128], k_main=32, n_mid=16384,
+        tokens=1 << 25, lr_scale=4, n=[4096, 8192, 16384, 32768, 65536], k=[16, 32, 64, 128], k_main=32, n_mid=16384,
         token_fracs=[1 / 8, 1 / 4, 1 / 2], n_relu=16384, l1=[0.1, 0.2, 0.3, 0.5], matryoshka=[1024, 4096],
         n_dead=[4096, 16384, 65536],
         subjects=["gpt2-medium", "gpt2-large"], gpt=[], n_subject=[4096, 8192, 16384, 32768], k_subject=32,
@@ -132,11 +133,12 @@ def sweep_runs(s, main_model, subjects):
     runs = []
 
     def add(model=main_model, n=s["n_mid"], k=s["k_main"], activation="topk", l1=0.0, multi=False, auxk=True,
-            init=True, tokens=T, matryoshka=False):
+            init=True, tokens=T, matryoshka=False, restarts=True):
         name = (f"{activation}_n{n}_k{k}" if activation != "relu" else f"relu_n{n}_l1_{l1:g}") + "_multi" * multi + \
-            "_matryoshka" * matryoshka + "_noauxk" * (not auxk) + "_noinit" * (not init) + f"_t{tokens // 1024}k"
+            "_matryoshka" * matryoshka + "_noauxk" * (not auxk) + "_noinit" * (not init) + \
+            "_norestarts" * (not restarts) + f"_t{tokens // 1024}k"
         r = dict(model=model, run=name, n=n, k=k, activation=activation, l1=l1, multi=multi, auxk=auxk, init=init,
-                 tokens=tokens, matryoshka=matryoshka)
+                 tokens=tokens, matryoshka=matryoshka, restarts=restarts)
         if r not in runs:
             runs.append(r)
     for k in s["k"]:                    # paper §3.1: L(n) per k, and the joint law L(n, k)
@@ -148,9 +150,10 @@ def sweep_runs(s, main_model, subjects):
         for matryoshka in (False, True):
             add(n=s["n_relu"], k=k, activation="batchtopk", matryoshka=matryoshka)
     add(multi=True)                     # paper §5.3: Multi-TopK, progressive codes
-    for n in s["n_dead"]:               # paper §2.4: dead latents without AuxK, and without the init tricks
-        add(n=n, auxk=False)
-        add(n=n, auxk=False, init=False)
+    for n in s["n_dead"]:               # paper §2.4: dead latents with AuxK and the init tricks alone (no
+        add(n=n, restarts=False)         # restarts), without AuxK, and without the init tricks too
+        add(n=n, auxk=False, restarts=False)
+        add(n=n, auxk=False, init=False, restarts=False)
     for model in subjects:              # paper §3.2: subject model size
         for n in s["n_subject"]:
             add(model=model, n=n, k=s["k_subject"])
@@ -189,7 +192,7 @@ def run_argv(s, r, home, run_dir, flags, main_model):
     """train.py's command line for grid point r of preset s, resuming it if it has a checkpoint."""
     argv = ["--model", r["model"], "--out_dir", home, "--run", r["run"], "--n_latents", str(r["n"]),
             "--tokens", str(r["tokens"]), "--dead_tokens", str(s["tokens"] // 4),
-            "--lr", f"{s['lr_scale'] * train.paper_lr(r['n']):.6g}", "--resample_every", "0", *s["train"],
+            "--lr", f"{s['lr_scale'] * train.paper_lr(r['n']):.6g}", *s["train"],
             *flags(("data", "device", "dtype", "seed"))]
     argv += ["--cache", os.path.join(home, "cache")] if s["cache"] else []
     argv += flags(("model_path", "layer")) if r["model"] == main_model else []
@@ -197,6 +200,7 @@ def run_argv(s, r, home, run_dir, flags, main_model):
     argv += ["--activation", r["activation"]]
     argv += ["--matryoshka", ",".join(map(str, s["matryoshka"]))] if r.get("matryoshka") else []
     argv += ["--multi_topk"] * r["multi"] + ["--no_auxk"] * (not r["auxk"]) + ["--no_init_tricks"] * (not r["init"])
+    argv += ["--resample_every", "0"] * (not r.get("restarts", True))  # else train.py's default: on for TopK
     if os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
         argv.append("--resume")
     elif os.path.exists(run_dir):
@@ -463,8 +467,10 @@ class Study:
     def __init__(self, manifest, runs):
         self.manifest, self.runs, self.s = manifest, runs, manifest["preset"]
         self.main, self.T, self.k_main, self.n_mid = manifest["main"], self.s["tokens"], self.s["k_main"], self.s["n_mid"]
-        # the main subject's TopK runs with AuxK and the init tricks, and those of the full budget
-        self.base = pick(runs, model=self.main, activation="topk", multi=False, auxk=True, init=True)
+        # the main subject's TopK runs in the default recipe, and those of the full budget (a manifest
+        # older than restarts has no "restarts" key: its runs were its recipe then)
+        self.base = [r for r in pick(runs, model=self.main, activation="topk", multi=False, auxk=True, init=True)
+                     if r.get("restarts", True)]
         self.full = pick(self.base, tokens=self.T)
         self.ks, self.ns = sorted({r["k"] for r in self.full}), sorted({r["n"] for r in self.full})
         self.fvu_at = {(r["n"], r["k"]): r["m"]["fvu"] for r in self.full}
@@ -752,16 +758,20 @@ def features(st, rep, ev):
 
 
 def dead_latents(st, rep):
-    """7. Dead latents against n, with and without AuxK and the init tricks (paper §2.4)."""
+    """7. Dead latents against n: the default recipe (restarts, AuxK, init tricks), and without
+    restarts, with and without AuxK and the init tricks (paper §2.4)."""
     windows = ", ".join(f"{t:,}" for t in sorted({r["dead_tokens"] for r in st.full}))
     rep.say(f"\n7. Dead latents (no fire in the last {windows} training tokens) at k = {st.k_main}")
-    settings = (("AuxK + init tricks", True, True), ("no AuxK", False, True), ("no AuxK, no init tricks", False, False))
+    at = dict(model=st.main, activation="topk", multi=False, tokens=st.T, k=st.k_main, restarts=False)
+    settings = (("restarts + AuxK + init", [r for r in st.full if r["k"] == st.k_main and r.get("restarts")]),
+                ("AuxK + init tricks", pick(st.runs, auxk=True, init=True, **at)),
+                ("no AuxK", pick(st.runs, auxk=False, init=True, **at)),
+                ("no AuxK, no init tricks", pick(st.runs, auxk=False, init=False, **at)))
     rep.say(f"    {'':26}" + "".join(f"{'n=' + str(n):>10}" for n in st.s["n_dead"]))
     out = {}
     fig, ax = rep.plt.subplots(figsize=(6, 4.5))
-    for name, auxk, init in settings:
-        pts = sorted((r["n"], r["m"]["dead_frac"]) for r in pick(st.runs, model=st.main, activation="topk", multi=False,
-                                                                  auxk=auxk, init=init, tokens=st.T, k=st.k_main))
+    for name, rs in settings:
+        pts = sorted((r["n"], r["m"]["dead_frac"]) for r in rs if r["n"] in st.s["n_dead"])
         out[name] = pts
         rep.say(f"    {name:<26}" + "".join(f"{dict(pts).get(n, float('nan')):>10.1%}" for n in st.s["n_dead"]))
         if pts:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import gpt
 import scaling
 from gpt import UserError
 
@@ -23,18 +24,20 @@ def noisy(y, rel, seed=0):
 # ---- the sweeps ---------------------------------------------------------------------------
 
 
-def test_default_grid_is_56_runs_full_budget_first():
-    """The README's 56 SAEs: 6 n x 4 k, 4 ReLU + L1, BatchTopK and Matryoshka on the 4 k, 1
-    Multi-TopK, 3 n x 2 dead-latent ablations, 2 extra subjects x 5 n (the main subject's k 16
-    runs are in the n x k grid already) and 3 shorter token budgets, which come last, so that
-    the first run writes the whole cache."""
+def test_default_grid_is_59_runs_full_budget_first():
+    """The README's 59 SAEs: 6 n x 4 k, 4 ReLU + L1, BatchTopK and Matryoshka on the 4 k, 1
+    Multi-TopK, 3 n x 3 dead-latent ablations (the only runs without restarts), 2 extra subjects
+    x 5 n (the main subject's k 16 runs are in the n x k grid already) and 3 shorter token
+    budgets, which come last, so that the first run writes the whole cache."""
     s = scaling.SWEEPS["default"]
     runs = scaling.sweep_runs(s, "main", ["small", "mid", "main"])
-    assert len(runs) == 6 * 4 + 4 + 2 * 4 + 1 + 3 * 2 + 2 * 5 + 3 == 56
-    assert len({r["run"] + r["model"] for r in runs}) == 56
+    assert len(runs) == 6 * 4 + 4 + 2 * 4 + 1 + 3 * 3 + 2 * 5 + 3 == 59
+    assert len({r["run"] + r["model"] for r in runs}) == 59
     assert sum(r["activation"] == "batchtopk" and r["matryoshka"] for r in runs) == 4
+    assert sorted((r["n"], r["auxk"], r["init"]) for r in runs if not r["restarts"]) == sorted(
+        (n, auxk, init) for n in s["n_dead"] for auxk, init in ((True, True), (False, True), (False, False)))
     budgets = [r["tokens"] for r in runs]
-    assert budgets[:53] == [s["tokens"]] * 53 and sorted(budgets[53:]) == [s["tokens"] // 8, s["tokens"] // 4,
+    assert budgets[:56] == [s["tokens"]] * 56 and sorted(budgets[56:]) == [s["tokens"] // 8, s["tokens"] // 4,
                                                                            s["tokens"] // 2]
 
 
@@ -157,11 +160,14 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert finite(*(saved["joint"]["fit"][c] for c in scaling.JOINT_NAMES), saved["joint"]["rmse_log_heldout"])
     assert finite(saved["compute"]["L"]["b"], saved["compute"]["L"]["c"])
     assert len(saved["subjects"]) == 3 and all(finite(s["fit"]["b"]) for s in saved["subjects"])
-    assert set(saved["progressive"]) == {"TopK", "Multi-TopK"} and len(saved["dead"]) == 3
+    assert set(saved["progressive"]) == {"TopK", "Multi-TopK"} and len(saved["dead"]) == 4
     methods = saved["methods"]
     assert [len(methods[m]) for m in ("TopK", "ReLU + L1", "BatchTopK", "Matryoshka")] == [3, 2, 3, 3]
     assert all(finite(m["fvu"], m["probe_ce"]) and 0 < m["l0"] <= 8 for rs in methods.values() for m in rs)
     assert all(len(saved["features"][axis]) >= 2 for axis in ("n", "k", "tokens"))
+    every = {r["dir"]: gpt.load_checkpoint(root / r["dir"] / "ckpt.pt")["train_config"]["resample_every"]
+             for r in manifest["runs"] if r["activation"] == "topk"}
+    assert all((every[r["dir"]] > 0) == r["restarts"] for r in manifest["runs"] if r["activation"] == "topk")
 
     mtimes = {r["dir"]: os.path.getmtime(root / r["dir"] / "ckpt.pt") for r in manifest["runs"]}
     victim = manifest["runs"][3]["dir"]
