@@ -2,7 +2,7 @@
 scaling.py: the scaling-law study (paper §3, §5): the sweeps that train its grids of SAEs, and
 the fits, tables and plots made from them.
 
-    python scaling.py --sweep default          # 56 SAEs + 2 small GPTs into out/sweep_default/
+    python scaling.py --sweep default          # 59 SAEs + 2 small GPTs into out/sweep_default/
     python scaling.py --report                 # fits, tables and plots of out/sweep_default
     python scaling.py --sweep quick --out_dir /tmp/q --report   # both, the whole pipeline in seconds
 
@@ -58,7 +58,7 @@ from gpt import UserError
 # dead-latent ablations, which turn restarts off to measure the paper's remedies, AuxK and the
 # init tricks, alone (and against the default).
 SWEEPS = {
-    # The bundled char GPT (d_model 128), sized for 2 CPU cores: 56 runs and two small GPTs (the
+    # The bundled char GPT (d_model 128), sized for 2 CPU cores: 59 runs and two small GPTs (the
     # README has its wall time).
     "default": dict(
         model=gpt.DEFAULT_CKPT, cache=True, train=["--log_every", "5"], tokens=1 << 21, lr_scale=4,
