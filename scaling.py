@@ -200,7 +200,7 @@ def run_argv(s, r, home, run_dir, flags, main_model):
     argv += ["--activation", r["activation"]]
     argv += ["--matryoshka", ",".join(map(str, s["matryoshka"]))] if r.get("matryoshka") else []
     argv += ["--multi_topk"] * r["multi"] + ["--no_auxk"] * (not r["auxk"]) + ["--no_init_tricks"] * (not r["init"])
-    argv += ["--resample_every", "0"] * (not r.get("restarts", True))  # else train.py's default: on for TopK
+    argv += ["--resample_every", "0"] * (not r["restarts"])  # else train.py's default: on for TopK
     if os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
         argv.append("--resume")
     elif os.path.exists(run_dir):

@@ -165,9 +165,9 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     assert [len(methods[m]) for m in ("TopK", "ReLU + L1", "BatchTopK", "Matryoshka")] == [3, 2, 3, 3]
     assert all(finite(m["fvu"], m["probe_ce"]) and 0 < m["l0"] <= 8 for rs in methods.values() for m in rs)
     assert all(len(saved["features"][axis]) >= 2 for axis in ("n", "k", "tokens"))
-    every = {r["dir"]: gpt.load_checkpoint(root / r["dir"] / "ckpt.pt")["train_config"]["resample_every"]
-             for r in manifest["runs"] if r["activation"] == "topk"}
-    assert all((every[r["dir"]] > 0) == r["restarts"] for r in manifest["runs"] if r["activation"] == "topk")
+    for r in manifest["runs"]:  # restarts exist for TopK alone
+        every = gpt.load_checkpoint(root / r["dir"] / "ckpt.pt")["train_config"]["resample_every"]
+        assert r["activation"] != "topk" or (every > 0) == r["restarts"]
 
     mtimes = {r["dir"]: os.path.getmtime(root / r["dir"] / "ckpt.pt") for r in manifest["runs"]}
     victim = manifest["runs"][3]["dir"]
