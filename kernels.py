@@ -6,7 +6,8 @@ encoder matmul. test_kernels.py proves the equality on every route below.
 What is here, in the order a step runs it:
 - sparse_recon: the entry sae.py calls, returning what SAE.recon_dense returns.
 - the encoder (_SparseEncode): pre-activations in cache-sized chunks, a two-stage TopK
-  (topk), AuxK's code over the dead latents; on CPUs with native bf16 matmuls (AMX or
+  (topk), AuxK's code over the dead latents (in fixed shapes, with no value read back, while a
+  CUDA graph captures the step or torch.compile traces it: static_shapes); on CPUs with native bf16 matmuls (AMX or
   AVX512-BF16) the TopK comes from a bf16 screen checked in fp32 (_screened_topk), exact all
   the same. Its backward touches only
   the selected latents.
@@ -27,10 +28,24 @@ _CHUNK = 1 << 22
 _ROW_CHUNK = 1 << 18
 
 
+def static_shapes(t):
+    """Whether the step that t (a tensor of it) belongs to must keep every shape fixed by its
+    arguments and never wait for the device to read a value back: while a CUDA graph captures it
+    or torch.compile traces it (both replay the step without Python), or whenever _STATIC is
+    set. Then sae.py passes AuxK the dead latents as a mask (_static_codes), not as indices whose
+    count the host must read, and skips its finite-input check (its caller checks: train.py
+    checks each batch). BatchTopK's code has a varying width: it has no static route."""
+    return _STATIC or torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+_STATIC = False  # the static route everywhere (tests; bench.py --static)
+
+
 def sparse_recon(sae, x_n, k_top, dead_idx, k_aux):
     """SAE.recon_dense's (vals, idx, x_hat, x_hat_multi, e_hat) for the SAE sae, from one
     dense encoder matmul; everything after it costs O(B * (k_top + k_aux) * d), or
-    O(B * n_dead * d) in dense matmuls while few latents are dead."""
+    O(B * n_dead * d) in dense matmuls while few latents are dead. dead_idx: the dead latents'
+    indices (n_dead,), or on the static route their mask (n_latents,) bool (static_shapes)."""
     k = sae.cfg.k
     if sae.cfg.activation == "batchtopk":
         vals, idx, aux_vals, aux_idx = _batch_topk_encode(sae, x_n, dead_idx, k_aux)
@@ -134,7 +149,8 @@ def _auxk_code(pre_dead, dead_idx, k_aux):
 
 class _SparseEncode(torch.autograd.Function):
     """(x_n, W_enc, b_enc, b_pre) -> the TopK code vals, idx (B, k_top), ReLU'd and sorted
-    descending, and the AuxK code aux_vals, aux_idx (see _auxk_code).
+    descending, and the AuxK code aux_vals, aux_idx (see _auxk_code; on the static route, where
+    dead_idx is a mask, _static_codes).
     The one dense matmul of a step; under torch.autocast it runs in the autocast dtype
     (addmm is on autocast's low-precision list) and the codes come back in W_enc's dtype; in
     fp32 on a CPU with native bf16 matmuls it runs in bf16 as a screen checked in fp32
@@ -145,38 +161,15 @@ class _SparseEncode(torch.autograd.Function):
     def forward(ctx, x_n, W_enc, b_enc, b_pre, k_top, dead_idx, k_aux, scratch):
         ctx.set_materialize_grads(False)
         x_c = x_n - b_pre  # (B, d)
-        # AuxK reads the same pre-activations: one encoder pass serves both losses. When the
-        # dead latents' (B, n_dead) outweigh W_enc, the encoder's rows go dead latents first,
-        # so that theirs are pre's leading columns, for the price of copying W_enc; else a
-        # second, small matmul recomputes them. Either beats gathering scattered columns of
-        # pre, a strided read of all of it. Under the bf16 screen pre's values are bf16, so
-        # always the second matmul.
-        n_dead, W, b = len(dead_idx), W_enc, b_enc
-        screen = _screen(x_c, len(W_enc), k_top)
-        permute = k_aux and not screen and W_enc.numel() <= len(x_c) * n_dead
-        if permute:
-            live = torch.ones(len(W_enc), dtype=torch.bool, device=W_enc.device).index_fill_(0, dead_idx, False)
-            order = torch.cat([dead_idx, live.nonzero().squeeze(1)])
-            W, b = W_enc[order], b_enc[order]  # (n, d) copy
-        # The one dense matmul, then TopK; sorted: Multi-TopK's top k come first.
-        if screen:
-            (vals, idx), pre_dead = _screened_topk(scratch, x_c, W_enc, b_enc, k_top), x_c[:, :0]
+        if dead_idx.dtype == torch.bool:  # static_shapes: AuxK over a mask of the dead latents
+            vals, idx, aux_vals, aux_idx = _static_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux)
         else:
-            vals, idx, pre_dead = _preacts_topk(scratch, x_c, W, b, k_top, n_dead if permute else 0)
-        if permute:
-            idx = order[idx]
-        elif k_aux:
-            pre_dead = torch.addmm(b_enc[dead_idx], x_c, W_enc[dead_idx].t())
-        if k_aux:
-            aux_vals, aux_idx = _auxk_code(pre_dead, dead_idx, k_aux)
-        else:
-            aux_vals, aux_idx = pre_dead, dead_idx  # (B, 0)
+            vals, idx, aux_vals, aux_idx = _dynamic_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux, scratch)
         ctx.mm_dtype, ctx.scratch = _backward_dtype(W_enc), scratch
         vals, aux_vals = vals.relu().to(W_enc.dtype), aux_vals.to(W_enc.dtype)
         ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
-
     @staticmethod
     def backward(ctx, g_vals, _, g_aux, __):
         x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
@@ -216,6 +209,49 @@ class _SparseEncode(torch.autograd.Function):
         # [code] b_pre (encoder side): d pre / d b_pre = -W_enc, so one mat-vec.
         grad_b_pre = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
         return None, grad_W_enc, grad_b_enc, grad_b_pre, None, None, None, None
+
+
+def _dynamic_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux, scratch):
+    """_SparseEncode's codes (vals before the ReLU) for the dead latents' indices dead_idx (n_dead,).
+    AuxK reads the same pre-activations: one encoder pass serves both losses. When the dead
+    latents' (B, n_dead) outweigh W_enc, the encoder's rows go dead latents first, so that
+    theirs are pre's leading columns, for the price of copying W_enc; else a second, small
+    matmul recomputes them. Either beats gathering scattered columns of pre, a strided read of
+    all of it. Under the bf16 screen pre's values are bf16, so always the second matmul."""
+    n_dead, W, b = len(dead_idx), W_enc, b_enc
+    screen = _screen(x_c, len(W_enc), k_top)
+    permute = k_aux and not screen and W_enc.numel() <= len(x_c) * n_dead
+    if permute:
+        live = torch.ones(len(W_enc), dtype=torch.bool, device=W_enc.device).index_fill_(0, dead_idx, False)
+        order = torch.cat([dead_idx, live.nonzero().squeeze(1)])
+        W, b = W_enc[order], b_enc[order]  # (n, d) copy
+    # The one dense matmul, then TopK; sorted: Multi-TopK's top k come first.
+    if screen:
+        (vals, idx), pre_dead = _screened_topk(scratch, x_c, W_enc, b_enc, k_top), x_c[:, :0]
+    else:
+        vals, idx, pre_dead = _preacts_topk(scratch, x_c, W, b, k_top, n_dead if permute else 0)
+    if permute:
+        idx = order[idx]
+    elif k_aux:
+        pre_dead = torch.addmm(b_enc[dead_idx], x_c, W_enc[dead_idx].t())
+    if k_aux:
+        return vals, idx, *_auxk_code(pre_dead, dead_idx, k_aux)
+    return vals, idx, pre_dead, dead_idx  # (B, 0)
+
+
+def _static_codes(x_c, W_enc, b_enc, k_top, dead, k_aux):
+    """_SparseEncode's codes (vals before the ReLU) for the dead latents' mask dead (n_latents,)
+    bool, in shapes fixed by the arguments alone and without reading anything back from the
+    device, as a CUDA graph or torch.compile needs (static_shapes): the AuxK code is each token's
+    top k_aux of the pre-activations with the live latents' set to -inf, aux_vals, aux_idx
+    (B, k_aux), ReLU'd, so that a token with fewer dead latents than k_aux, or none, gets zeros
+    in the rest: the same reconstruction as _dynamic_codes' top min(k_aux, n_dead)."""
+    pre = torch.addmm(b_enc, x_c, W_enc.t())  # (B, n_latents)
+    vals, idx = topk(pre, k_top)  # sorted: Multi-TopK's top k come first
+    if not k_aux:
+        return vals, idx, pre[:, :0], idx.new_zeros(0)  # (B, 0), (0,): a block over no latents
+    aux_vals, aux_idx = topk(pre.masked_fill_(~dead, float("-inf")), k_aux)  # in place: pre is done with
+    return vals, idx, aux_vals.relu(), aux_idx
 
 
 def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):

@@ -1,8 +1,9 @@
 """Tests for kernels.py, ordered like it: the fast path equals sae.py's dense reference on
-every route (codes, losses, gradients), the two-stage TopK, the bf16 screen's error bound and
-exactness, the dense (CUDA) backward under autocast, the gradient buffers kept across steps,
-that importing the fast path leaves the process's warning filters alone, and latent sharding's
-merged TopK and sharded reconstruction (two gloo processes against one)."""
+every route (codes, losses, gradients), the static route that CUDA graphs and torch.compile
+take among them, the two-stage TopK, the bf16 screen's error bound and exactness, the dense
+(CUDA) backward under autocast, the gradient buffers kept across steps, that importing the
+fast path leaves the process's warning filters alone, and latent sharding's merged TopK and
+sharded reconstruction (two gloo processes against one)."""
 import os
 import subprocess
 import sys
@@ -113,6 +114,60 @@ def test_batchtopk_fast_path_widens_its_candidates_until_exact(monkeypatch, dens
     assert_rel(dense_codes(fast, n), dense_codes(ref, n), 1e-5)
     for name in g_ref:
         assert_rel(g_fast[name], g_ref[name], 1e-5)
+
+
+# ---- the static route (kernels.static_shapes: CUDA graphs, torch.compile) ----
+
+@pytest.mark.parametrize("dead_frac", [0.0, 0.003, 0.3, 1.0])  # none dead; 3 dead, fewer than k_aux; many; all
+@pytest.mark.parametrize("kind", ["topk", "multi_topk", "matryoshka"])
+@pytest.mark.parametrize("dense_backward", [False, True])
+def test_static_route_equals_dense_reference(monkeypatch, dead_frac, kind, dense_backward):
+    """AuxK over a mask of the dead latents at a fixed width k_aux gives the reference's
+    top min(k_aux, n_dead) code, its loss (0 with nothing dead) and gradients."""
+    monkeypatch.setattr(kernels, "_STATIC", True)
+    monkeypatch.setattr(kernels, "_dense_backward", lambda t: dense_backward)
+    d, n, k, B = 8, 1000, 3, 64
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
+    kw = {"multi_topk": kind == "multi_topk", "matryoshka": (100, 400) if kind == "matryoshka" else ()}
+    sae, x = make(d, n, k, 0, torch.float64, k_aux=8, **kw), inputs(B, d, 0, 1.0, torch.float64)
+    (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
+    assert (fast.aux_loss > 0) == bool(dead.any()) and torch.equal(fast.idx, ref.idx)
+    assert torch.equal(fast.fired, ref.fired)
+    for name in ("loss", "fvu", "aux_loss", "multi_loss", "nested_loss", "vals", "x_hat"):
+        assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), 1e-10)
+    for name in g_ref:
+        assert_rel(g_fast[name], g_ref[name], 1e-10)
+
+
+@pytest.mark.parametrize("n_dead", [0, 1, 5, 300])
+def test_static_codes_have_the_same_shapes_whatever_is_dead(n_dead):
+    B, d, n, k, k_aux = 16, 8, 300, 4, 8
+    g = torch.Generator().manual_seed(n_dead)
+    x_c, W, b = torch.randn(B, d, generator=g), torch.randn(n, d, generator=g), torch.randn(n, generator=g)
+    dead = torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.randperm(n, generator=g)[:n_dead], True)
+    vals, idx, aux_vals, aux_idx = kernels._static_codes(x_c, W, b, k, dead, k_aux)
+    assert vals.shape == idx.shape == (B, k) and aux_vals.shape == aux_idx.shape == (B, k_aux)
+    assert not aux_vals[~dead[aux_idx]].any()  # a live latent in the code holds 0
+    assert int((aux_vals > 0).sum(1).max()) <= n_dead
+
+
+def test_static_forward_traces_as_one_graph_with_no_host_sync(monkeypatch):
+    """torch.compile(fullgraph=True) refuses a step that reads a value back (nonzero, a bool of
+    a tensor): the check, on CPU, that a CUDA graph could capture the forward. The dynamic
+    route fails it, so the test can tell them apart."""
+    monkeypatch.setattr(kernels, "_dense_backward", lambda t: True)  # CUDA's backward, traced with it
+    sae, x = make(8, 1000, 3, 0, torch.float32, k_aux=8), inputs(64, 8, 0, 1.0, torch.float32)
+    dead = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.3
+    step = lambda x, m: sae(x, dead_mask=m).loss
+    want = step(x, dead)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="eager")(x, dead)
+    assert_rel(got.detach(), want.detach(), 1e-6)
+    monkeypatch.setattr(kernels, "static_shapes", lambda t: False)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(step, fullgraph=True, backend="eager")(x, dead)
+    torch._dynamo.reset()
 
 
 # ---- the two-stage TopK ----
