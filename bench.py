@@ -6,6 +6,7 @@ bench.py: how close a TopK SAE training step comes to the hardware's floor.
     python bench.py --shapes 768,32768,32,2048       # only these (d_model,n_latents,k,batch) shapes
     python bench.py --quick                          # a tiny grid in seconds (the smoke test)
     python bench.py --shapes 768,32768,32,2048 --profile   # and where the fast step's time goes
+                                                     # (on CUDA: kernels a step, GPU-busy share)
     python bench.py --latent_shards 1 2 4 --shapes 256,65536,32,1024   # train.py --latent_shards: memory, time
 
 A TopK SAE must compute every pre-activation, the encoder matmul (batch x d_model x n_latents),
@@ -20,9 +21,15 @@ each straight after an untimed run of the same entry (see time_all):
   fast     a full training step as train.py runs it on the sparse fast path: forward with AuxK
            over --dead_frac dead latents, backward, decoder-gradient projection, fused Adam,
            decoder renormalization; fast0 is the same with no dead latents (no AuxK)
+  fast csr (CUDA) the fast step with the CPU's CSR backward kernels instead of CUDA's dense ones
+  fast graph (CUDA) the fast step captured once as a CUDA graph (kernels.py's static route) and
+           replayed: no kernel launches from Python, no host syncs
   dense    the same step on sae.py's dense reference path (dense=True)
-and reports tokens/s, fast against mm, mm+topk, mm bf16 and dense, and the fast step's peak memory
-against parameters + Adam state + one batch of pre-activations. With a subject model
+and reports tokens/s, each step against mm, mm+topk, mm bf16 and dense, the fast step's peak
+memory against parameters + Adam state + one micro-batch of pre-activations, and on CUDA the
+host syncs in one step (torch's sync debug mode). A batch whose (batch, n_latents)
+pre-activations pass 2^32 elements runs as micro-batches whose gradients add up before one
+optimizer step (gradient accumulation: micro_batch), so GPU-sized batches fit. With a subject model
 (--model) it also measures its activation generation (blocks up to train.py's default layer)
 and an end-to-end train.py run of the default configuration, with the share of the training
 loop spent in SAE steps or in the subject model's forward.
@@ -57,8 +64,10 @@ from sae import SAE, SAEConfig
 GRIDS = {  # (d_model, n_latents, k, batch)
     # the issue's reference shape (GPT-2 small width), the default run, and a larger k
     "cpu": [(768, 32768, 32, 2048), (128, 32768, 32, 4096), (768, 32768, 128, 2048)],
-    # GPT-2 small at 32k and 128k latents, GPT-2 XL width, and the default run
-    "cuda": [(768, 32768, 32, 4096), (768, 131072, 32, 4096), (1600, 131072, 64, 4096), (128, 32768, 32, 4096)],
+    # GPT-2 small at 32k latents from train.py's batch to the paper's (131072), at 128k latents and
+    # at k 64, then GPT-2 XL's width; the issue's goal is at the second
+    "cuda": [(768, 32768, 32, 4096), (768, 32768, 32, 32768), (768, 32768, 32, 131072), (768, 131072, 32, 32768),
+             (768, 32768, 64, 32768), (1600, 131072, 64, 32768)],
     "quick": [(32, 1024, 8, 256)],
 }
 
@@ -137,41 +146,63 @@ PHASES = ("forward", "backward", "projection", "adam", "renormalization")
 def profile_step(fn, device, steps=3, top=12):
     """Where a fast step's time goes, from torch.profiler over `steps` steps: ms a step in each
     phase of step() (CPU wall time inside it; on CUDA the GPU finishes later) and the `top`
-    operators by self time (the GPU's on CUDA, else the CPU's), each with its input shapes.
-    The profiler adds overhead: its sum runs above the timed step."""
+    operators by self time (the GPU's on CUDA, else the CPU's), each with its input shapes. On
+    CUDA also the kernels a step launches (memory copies and fills included) and the GPU-busy
+    fraction: their time over the steps' wall time. The profiler adds overhead: its sum runs
+    above the timed step."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
     fn()
     sync(device)
     with profile(activities=activities, record_shapes=True) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             fn()
         sync(device)
+        wall = time.perf_counter() - t0
     self_us = lambda e: getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
     phases = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key in PHASES}
     ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key not in PHASES),
                  key=self_us, reverse=True)[:top]
-    return {"phases_ms": {p: phases.get(p, 0.0) for p in PHASES},
+    kernels_, busy = None, None
+    if cuda:  # device-side events: kernels, memcpy, memset
+        on_gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels_ = len(on_gpu) / steps
+        busy = sum(e.time_range.elapsed_us() for e in on_gpu) / 1e6 / wall
+    return {"phases_ms": {p: phases.get(p, 0.0) for p in PHASES}, "wall_ms": wall * 1e3 / steps,
+            "kernels_per_step": kernels_, "gpu_busy": busy,
             "top_ops": [{"op": e.key, "shapes": str(e.input_shapes), "calls": e.count // steps,
                          "ms": self_us(e) / 1e3 / steps} for e in ops]}
+
+
+def micro_batch(B, n, limit=1 << 32):
+    """Tokens per micro-batch for a step of B tokens at n latents: B halved until a (tokens, n)
+    matrix of pre-activations has at most `limit` elements (8 GiB in bf16), so that the
+    largest batches fit a GPU; a step accumulates the micro-batches' gradients (each
+    micro-batch's loss weighted by its share of B) before one optimizer step."""
+    mb = B
+    while mb * n > limit and mb % 2 == 0:
+        mb //= 2
+    return mb
 
 
 def bench_shape(d, n, k, B, args):
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
+    mb = micro_batch(B, n)
     # a stream of batches, as in training: a step repeated on one batch overfits it, which
     # bunches its tokens' pre-activations at the TopK threshold and makes the CPU's bf16
-    # screen (kernels.py) send most of them to its second tier
-    xs = itertools.cycle(torch.randn(16, B, d, device=device).unbind())
+    # screen (kernels.py) send most of them to its second tier; at most 1 GiB of them
+    xs = itertools.cycle(torch.randn(max(2, min(16, (1 << 30) // (4 * B * d))), B, d, device=device).unbind())
     x = next(xs)
     # the floor, with bf16 operands on CUDA as the autocast encoder matmul; random weights (its
     # speed does not depend on them), made before the SAE so as not to count in its memory
     mm_dtype = torch.bfloat16 if cuda else torch.float32
     W, xc = torch.randn(n, d, device=device, dtype=mm_dtype), x.to(mm_dtype)
-    buf = torch.zeros(B, n, dtype=mm_dtype, device=device)  # zeros: its pages are resident before `base`
+    buf = torch.zeros(mb, n, dtype=mm_dtype, device=device)  # zeros: its pages are resident before `base`
     # on CPU also the bf16 matmul, the floor of the encoder's bf16 screen (kernels.py) on AMX
-    W16, x16, buf16 = W.bfloat16(), xc.bfloat16(), torch.zeros(B, n, dtype=torch.bfloat16, device=device)
+    W16, x16, buf16 = W.bfloat16(), xc.bfloat16(), torch.zeros(mb, n, dtype=torch.bfloat16, device=device)
     base = memory_now(device)
     sae = SAE(SAEConfig(d_model=d, n_latents=n, k=k, activation=args.activation,
                         matryoshka=train.prefixes(args.matryoshka))).to(device)
@@ -179,15 +210,72 @@ def bench_shape(d, n, k, B, args):
     dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < args.dead_frac
     dead = dead.to(device)
     no_dead = torch.zeros_like(dead)
+    step = make_step(sae, opt, xs, mb, cuda)
+    chunks = lambda a, b, out: [torch.mm(a[s:s + mb], b, out=out[:len(a[s:s + mb])]) for s in range(0, B, mb)]
+    fns = {"mm": lambda: chunks(xc, W.t(), buf),
+           "mm_topk": lambda: [p.topk(k, dim=1) for p in chunks(xc, W.t(), buf)],
+           "mm_bf16": lambda: chunks(x16, W16.t(), buf16),
+           "fast": lambda: step(dead),
+           "fast0": lambda: step(no_dead)}
+    if cuda:  # mm is already bf16 there; the CPU's CSR backward, and the step as one CUDA graph
+        del fns["mm_bf16"]
+        fns["fast_csr"] = lambda: step(dead, backward="csr")
+    errors = {}
+    if cuda and args.activation == "topk":
+        fns["fast_graph"] = graph_step(sae, xs, mb, dead, errors)
+    if not args.no_dense:
+        fns["dense"] = lambda: step(dead, dense=True)
+    fns = {name: fn for name, fn in fns.items() if fn is not None}
+    res = time_all(fns, device, args.warmup, args.runs)
+    del W, xc, buf, W16, x16, buf16
+    params = sum(p.numel() * p.element_size() for p in sae.parameters())
+    budget = 3 * params + mb * n * torch.finfo(mm_dtype).bits // 8  # params + Adam's two moments + pre
+    ms = {name: 1e3 * t for name, (t, _) in res.items()}
+    r = {"d_model": d, "n_latents": n, "k": k, "batch": B, "micro_batch": mb, "k_aux": sae.cfg.k_aux,
+         "n_dead": int(dead.sum()), "ms": ms, "tokens_per_s": {name: B / t for name, (t, _) in res.items()},
+         "memory_gb": None, "screen": None, "errors": errors,
+         "syncs_per_step": {name: count_syncs(fns[name]) for name in ("fast", "fast_graph") if name in fns and cuda}}
+    for name in ("fast", "fast0", "fast_csr", "fast_graph"):  # throughput against the floors and the reference
+        for floor in ("mm", "mm_topk", "mm_bf16", "dense"):
+            if name in ms and floor in ms:
+                r[f"{name}_over_{floor}"] = ms[floor] / ms[name]
+    screened, past_1, past_2 = sae._scratch.get("screen_counts", (0, 0, 0))
+    if screened:  # the bf16 screen's tokens past tier 1 and past tier 2 (to the fp32 encoder)
+        r["screen"] = {"tokens": screened, "past_tier_1": past_1 / screened, "past_tier_2": past_2 / screened}
+    if args.profile:
+        r["profile"] = profile_step(lambda: step(dead), device)
+        if "fast_graph" in fns:
+            r["profile_graph"] = profile_step(fns["fast_graph"], device)
+    if base is not None:
+        peak = {name: (p - base) / 2**30 for name, (_, p) in res.items()}
+        r["memory_gb"] = {"fast": peak["fast"], "dense": peak.get("dense"), "budget": budget / 2**30,
+                          "fast_over_budget": peak["fast"] * 2**30 / budget}
+    return r
 
-    def step(dead_mask, dense=False):
-        phase = torch.profiler.record_function  # labels for --profile; no cost without a profiler
-        with phase("forward"), torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
-                                               enabled=cuda):
-            out = sae(next(xs), dead_mask=dead_mask, dense=dense)
-        opt.zero_grad(set_to_none=True)
-        with phase("backward"):
-            out.loss.backward()
+
+def make_step(sae, opt, xs, mb, cuda):
+    """step(dead_mask, dense=False, backward="auto", x=None): a training step as train.py runs it
+    on the batch x (default: the next of xs), in micro-batches of mb tokens: forward with AuxK
+    over the latents dead_mask, backward (kernels.py's on CUDA: "auto" its dense matmuls, "csr"
+    the CPU's CSR kernels), decoder-gradient projection, fused Adam, decoder renormalization."""
+    phase = torch.profiler.record_function  # labels for --profile; no cost without a profiler
+
+    def step(dead_mask, dense=False, backward="auto", x=None, cache=True):
+        x = next(xs) if x is None else x
+        saved = kernels._dense_backward
+        if backward == "csr":
+            kernels._dense_backward = lambda t: False
+        try:
+            opt.zero_grad(set_to_none=True)
+            for s in range(0, len(x), mb):
+                # cache_enabled=False under a CUDA graph: autocast's cast weights must not outlive a capture
+                with phase("forward"), torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                                                       enabled=cuda, cache_enabled=cache):
+                    out = sae(x[s:s + mb], dead_mask=dead_mask, dense=dense)
+                with phase("backward"):
+                    (out.loss * (mb / len(x)) if mb < len(x) else out.loss).backward()
+        finally:
+            kernels._dense_backward = saved
         with phase("projection"):
             sae.project_decoder_grad()
         with phase("adam"):
@@ -195,37 +283,53 @@ def bench_shape(d, n, k, B, args):
         with phase("renormalization"):
             sae.normalize_decoder()
 
-    fns = {"mm": lambda: torch.mm(xc, W.t(), out=buf),
-           "mm_topk": lambda: torch.mm(xc, W.t(), out=buf).topk(k, dim=1),
-           "mm_bf16": lambda: torch.mm(x16, W16.t(), out=buf16),
-           "fast": lambda: step(dead),
-           "fast0": lambda: step(no_dead)}
-    if not args.no_dense:
-        fns["dense"] = lambda: step(dead, dense=True)
-    if cuda:  # mm is already bf16 there
-        del fns["mm_bf16"]
-    res = time_all(fns, device, args.warmup, args.runs)
-    del W, xc, buf, W16, x16, buf16
-    params = sum(p.numel() * p.element_size() for p in sae.parameters())
-    budget = 3 * params + B * n * torch.finfo(mm_dtype).bits // 8  # params + Adam's two moments + pre
-    ms = {name: 1e3 * t for name, (t, _) in res.items()}
-    r = {"d_model": d, "n_latents": n, "k": k, "batch": B, "k_aux": sae.cfg.k_aux, "n_dead": int(dead.sum()),
-         "ms": ms, "tokens_per_s": {name: B / t for name, (t, _) in res.items()},
-         "fast_over_mm": ms["mm"] / ms["fast"], "fast_over_mm_topk": ms["mm_topk"] / ms["fast"],
-         "fast0_over_mm": ms["mm"] / ms["fast0"],
-         "fast_over_mm_bf16": ms["mm_bf16"] / ms["fast"] if "mm_bf16" in ms else None,
-         "fast_over_dense": ms["dense"] / ms["fast"] if "dense" in ms else None,
-         "memory_gb": None, "screen": None}
-    screened, past_1, past_2 = sae._scratch.get("screen_counts", (0, 0, 0))
-    if screened:  # the bf16 screen's tokens past tier 1 and past tier 2 (to the fp32 encoder)
-        r["screen"] = {"tokens": screened, "past_tier_1": past_1 / screened, "past_tier_2": past_2 / screened}
-    if args.profile:
-        r["profile"] = profile_step(lambda: step(dead), device)
-    if base is not None:
-        peak = {name: (p - base) / 2**30 for name, (_, p) in res.items()}
-        r["memory_gb"] = {"fast": peak["fast"], "dense": peak.get("dense"), "budget": budget / 2**30,
-                          "fast_over_budget": peak["fast"] * 2**30 / budget}
-    return r
+    return step
+
+
+def graph_step(sae, xs, mb, dead, errors):
+    """The fast step on CUDA captured once as a CUDA graph (kernels.py's static route, a fused
+    Adam of its own made capturable), replayed per call after copying the next batch into the
+    graph's input: no kernel launches from Python and no host syncs. -> the call, or None with
+    the reason in errors["fast_graph"] if capture fails."""
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True, capturable=True)
+    step = make_step(sae, opt, xs, mb, cuda=True)
+    x = next(xs).clone()  # the graph's input: each call copies a batch into it
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        kernels._STATIC = True  # warm-up on the route the graph takes (Adam's state, cuBLAS's workspaces)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(dead, x=x, cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(dead, x=x, cache=False)
+    except Exception as e:  # reported, not fatal: the other entries still run
+        errors["fast_graph"] = f"{type(e).__name__}: {e}"
+        return None
+    finally:
+        kernels._STATIC = False
+
+    def replay():
+        x.copy_(next(xs))
+        graph.replay()
+
+    return replay
+
+
+def count_syncs(fn):
+    """Host syncs in one call of fn on CUDA: the warnings of torch's sync debug mode."""
+    import warnings
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 def bench_activations(model, args):
@@ -297,18 +401,24 @@ def print_table(res):
           f"bf16 screen {'on' if res['bf16_screen'] else 'off'}; "
           f"SAE {res['activation']}" + (f", Matryoshka {res['matryoshka']}" if res["matryoshka"] else "") + "; "
           f"THP_MEM_ALLOC_ENABLE={res['thp']}")
-    head = ["d_model", "n", "k", "batch", "mm", "mm+topk", "mm bf16", "fast", "fast0", "dense", "fast/mm",
-            "fast/mm+topk", "fast0/mm", "fast/mm bf16", "fast/dense", "mem GB", "mem/budget"]
-    print("tokens/s for mm ... dense; ratios of throughput; mem: fast step's peak")
+    names = ("mm", "mm_topk", "mm_bf16", "fast", "fast0", "fast_csr", "fast_graph", "dense")
+    ratios = ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_mm_bf16", "fast_graph_over_mm",
+              "fast_over_dense", "fast_graph_over_dense")
+    head = ["d_model", "n", "k", "batch"] + [n.replace("_", " ") for n in names] + \
+        [r.replace("_over_", "/").replace("_", " ") for r in ratios] + ["mem GB", "mem/budget"]
+    print("tokens/s for mm ... dense; ratios of throughput; mem: fast step's peak; fast csr and fast graph: CUDA only")
     print(" | ".join(head))
     for r in res["shapes"]:
         tps, mem = r["tokens_per_s"], r["memory_gb"] or {}
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
-        print(" | ".join([str(r["d_model"]), str(r["n_latents"]), str(r["k"]), str(r["batch"])]
-                         + [f(tps.get(name), ",.0f") for name in ("mm", "mm_topk", "mm_bf16", "fast", "fast0", "dense")]
-                         + [f(r[name], ".2f") for name in ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm",
-                                                             "fast_over_mm_bf16")]
-                         + [f(r["fast_over_dense"], ".1f"), f(mem.get("fast"), ".2f"), f(mem.get("fast_over_budget"), ".2f")]))
+        batch = str(r["batch"]) + ("" if r["micro_batch"] == r["batch"] else f" ({r['micro_batch']})")
+        print(" | ".join([str(r["d_model"]), str(r["n_latents"]), str(r["k"]), batch]
+                         + [f(tps.get(name), ",.0f") for name in names] + [f(r.get(name), ".2f") for name in ratios]
+                         + [f(mem.get("fast"), ".2f"), f(mem.get("fast_over_budget"), ".2f")]))
+        for name, err in r["errors"].items():
+            print(f"  {name} failed: {err}")
+        if r["syncs_per_step"]:
+            print("  host syncs a step: " + ", ".join(f"{k} {v}" for k, v in r["syncs_per_step"].items()))
     for r in res["shapes"]:
         if r["screen"]:
             sc = r["screen"]
@@ -316,11 +426,17 @@ def print_table(res):
                   f"{sc['past_tier_1']:.2%} past tier 1, {sc['past_tier_2']:.2%} past tier 2 (to the fp32 encoder)")
     for r in res["shapes"]:
         if "profile" in r:
-            pr = r["profile"]
-            print(f"profile of the fast step at {r['d_model']},{r['n_latents']},{r['k']},{r['batch']} (ms a step): "
-                  + ", ".join(f"{p} {ms:.1f}" for p, ms in pr["phases_ms"].items()))
-            for o in pr["top_ops"]:
-                print(f"  {o['ms']:8.2f} ms  {o['calls']:3d} x {o['op']} {o['shapes']}")
+            for name in ("profile", "profile_graph"):
+                if name not in r:
+                    continue
+                pr = r[name]
+                gpu = (f"; {pr['kernels_per_step']:.0f} kernels a step, GPU busy {pr['gpu_busy']:.0%}"
+                       if pr["kernels_per_step"] is not None else "")
+                print(f"{name} of the fast step{' as a CUDA graph' if name == 'profile_graph' else ''} at "
+                      f"{r['d_model']},{r['n_latents']},{r['k']},{r['batch']} (ms a step): {pr['wall_ms']:.1f} in all"
+                      + "".join(f", {p} {ms:.1f}" for p, ms in pr["phases_ms"].items()) + gpu)
+                for o in pr["top_ops"]:
+                    print(f"  {o['ms']:8.2f} ms  {o['calls']:3d} x {o['op']} {o['shapes']}")
     for name in ("activations", "train"):
         if isinstance(res[name], str):
             print(f"{name}: skipped ({res[name]})")

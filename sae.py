@@ -361,7 +361,7 @@ class SAE(nn.Module):
         """-> (n_dead,) indices of dead latents; as_mask: the (n_latents,) bool mask itself."""
         n = self.cfg.n_latents
         if dead_mask is None:
-            return torch.zeros(n, dtype=torch.bool, device=device) if as_mask else torch.zeros(0, dtype=torch.long, device=device)
+            return torch.zeros(n if as_mask else 0, dtype=torch.bool if as_mask else torch.long, device=device)
         if dead_mask.shape != (n,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor of shape ({n},), "
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")

@@ -3,6 +3,7 @@ of the quick grid whose derived numbers are checked against the raw ones they co
 import json
 
 import pytest
+import torch
 
 import bench
 import kernels
@@ -42,15 +43,20 @@ def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
     top = [o["ms"] for o in prof["top_ops"]]  # the costliest operators, costliest first
     assert len(top) == 12 and top == sorted(top, reverse=True)
     cuda = res["device"].startswith("cuda")
+    assert (prof["kernels_per_step"] is None) == (prof["gpu_busy"] is None) == (not cuda)
     assert res["bf16_screen"] == kernels._BF16_SCREEN
-    entries = {"mm", "mm_topk", "fast", "fast0", "dense"} | (set() if cuda else {"mm_bf16"})  # mm is bf16 on CUDA
-    assert set(r["ms"]) == set(r["tokens_per_s"]) == entries
+    # mm is bf16 on CUDA; the CSR backward and the CUDA graph are CUDA's alone
+    entries = {"mm", "mm_topk", "fast", "fast0", "dense"} | ({"fast_csr", "fast_graph"} if cuda else {"mm_bf16"})
+    assert set(r["ms"]) == set(r["tokens_per_s"]) == entries and r["errors"] == {}
+    assert r["micro_batch"] == B and (r["syncs_per_step"] == {}) == (not cuda)
     for name, ms in r["ms"].items():  # tokens/s and the ratios come from the same medians
         assert r["tokens_per_s"][name] == pytest.approx(B / (ms / 1e3))
-    for key, num in (("fast_over_mm", "mm"), ("fast_over_mm_topk", "mm_topk"), ("fast_over_dense", "dense")):
-        assert r[key] == pytest.approx(r["ms"][num] / r["ms"]["fast"])
-    assert r["fast0_over_mm"] == pytest.approx(r["ms"]["mm"] / r["ms"]["fast0"])
-    assert (r["fast_over_mm_bf16"] is None) == cuda
+    ratios = {key for key in r if "_over_" in key}
+    assert ratios == {f"{a}_over_{b}" for a in entries - {"mm", "mm_topk", "mm_bf16", "dense"}
+                      for b in ("mm", "mm_topk", "mm_bf16", "dense") if b in entries}
+    for key in ratios:
+        a, b = key.split("_over_")
+        assert r[key] == pytest.approx(r["ms"][b] / r["ms"][a])
     if kernels._BF16_SCREEN and not cuda:  # the quick shape's fast steps ran the screen
         assert r["screen"]["tokens"] > 0 and 0 <= r["screen"]["past_tier_2"] <= r["screen"]["past_tier_1"] <= 1
     if r["memory_gb"] is not None:  # None off Linux
@@ -64,6 +70,40 @@ def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
     t = res["train"]
     assert 0 < t["useful_share"] <= 1 and t["tokens_per_s"] > 0
     assert t["useful_share"] == pytest.approx((t["sae_step_s"] + t["subject_forward_s"]) / t["loop_s"])
+
+
+def test_micro_batches_halve_the_batch_until_its_pre_activations_fit():
+    assert bench.micro_batch(4096, 32768) == 4096  # 2^27 elements: one micro-batch
+    assert bench.micro_batch(131072, 32768) == 131072  # 2^32: still one
+    assert bench.micro_batch(131072, 131072) == 32768  # 2^34: four of 2^32
+    assert bench.micro_batch(6, 10, limit=20) == 3 and bench.micro_batch(3, 10, limit=20) == 3  # odd: as it is
+
+
+def test_a_step_in_micro_batches_accumulates_their_weighted_gradients():
+    """Two micro-batches of 32 tokens: the optimizer sees half the sum of each one's own gradient."""
+    from sae import SAE, SAEConfig
+
+    class Recorder:  # an optimizer that records the gradients it is given
+        def zero_grad(self, set_to_none=True):
+            sae.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            self.seen = {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    torch.manual_seed(0)
+    sae, opt = SAE(SAEConfig(d_model=8, n_latents=64, k=4)), Recorder()
+    x, dead = torch.randn(64, 8), torch.arange(64) % 5 == 0
+    bench.make_step(sae, opt, None, 32, cuda=False)(dead, x=x)
+    got = opt.seen
+    want = {}
+    for half in (x[:32], x[32:]):
+        sae.zero_grad(set_to_none=True)
+        sae(half, dead_mask=dead).loss.backward()
+        sae.project_decoder_grad()
+        for name, p in sae.named_parameters():
+            want[name] = want.get(name, 0) + p.grad / 2
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
 
 
 def test_bench_latent_shards_runs():
