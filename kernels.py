@@ -162,7 +162,8 @@ class _SparseEncode(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         x_c = x_n - b_pre  # (B, d)
         if dead_idx.dtype == torch.bool:  # static_shapes: AuxK over a mask of the dead latents
-            vals, idx, aux_vals, aux_idx = _static_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux)
+            vals, idx, aux_vals, aux_idx = _static_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux,
+                                                         scratch.get("aux_candidates", len(W_enc)))
         else:
             vals, idx, aux_vals, aux_idx = _dynamic_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux, scratch)
         ctx.mm_dtype, ctx.scratch = _backward_dtype(W_enc), scratch
@@ -239,19 +240,28 @@ def _dynamic_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux, scratch):
     return vals, idx, pre_dead, dead_idx  # (B, 0)
 
 
-def _static_codes(x_c, W_enc, b_enc, k_top, dead, k_aux):
+def _static_codes(x_c, W_enc, b_enc, k_top, dead, k_aux, n_cand):
     """_SparseEncode's codes (vals before the ReLU) for the dead latents' mask dead (n_latents,)
     bool, in shapes fixed by the arguments alone and without reading anything back from the
-    device, as a CUDA graph or torch.compile needs (static_shapes): the AuxK code is each token's
-    top k_aux of the pre-activations with the live latents' set to -inf, aux_vals, aux_idx
-    (B, k_aux), ReLU'd, so that a token with fewer dead latents than k_aux, or none, gets zeros
-    in the rest: the same reconstruction as _dynamic_codes' top min(k_aux, n_dead)."""
+    device, as a CUDA graph or torch.compile needs (static_shapes). AuxK looks at n_cand
+    candidate latents, the dead ones first (scratch["aux_candidates"], default all): with all
+    n_latents, each token's top k_aux of the pre-activations with the live latents' at -inf, as
+    [code] does, aux_vals, aux_idx (B, k_aux); with fewer, a second small matmul over the
+    candidates and _auxk_code's code over them, the live ones at -inf. Either way ReLU'd, so
+    that a live latent in the code holds 0: while at most n_cand latents are dead, the same
+    reconstruction as _dynamic_codes' top min(k_aux, n_dead); past that, AuxK draws on n_cand
+    of the dead latents (train.py's CUDA graph widens n_cand before that happens)."""
+    n = len(W_enc)
     pre = torch.addmm(b_enc, x_c, W_enc.t())  # (B, n_latents)
     vals, idx = topk(pre, k_top)  # sorted: Multi-TopK's top k come first
     if not k_aux:
         return vals, idx, pre[:, :0], idx.new_zeros(0)  # (B, 0), (0,): a block over no latents
-    aux_vals, aux_idx = topk(pre.masked_fill_(~dead, float("-inf")), k_aux)  # in place: pre is done with
-    return vals, idx, aux_vals.relu(), aux_idx
+    if n_cand >= n:  # in place: pre is done with
+        aux_vals, aux_idx = topk(pre.masked_fill_(~dead, float("-inf")), k_aux)
+        return vals, idx, aux_vals.relu(), aux_idx
+    cand = dead.to(x_c.dtype).topk(n_cand, sorted=False).indices  # (n_cand,): every dead latent, if they fit
+    pre_cand = torch.addmm(b_enc[cand], x_c, W_enc[cand].t()).masked_fill_(~dead[cand], float("-inf"))
+    return vals, idx, *_auxk_code(pre_cand, cand, min(k_aux, n_cand))
 
 
 def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):

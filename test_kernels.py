@@ -118,19 +118,27 @@ def test_batchtopk_fast_path_widens_its_candidates_until_exact(monkeypatch, dens
 
 # ---- the static route (kernels.static_shapes: CUDA graphs, torch.compile) ----
 
-@pytest.mark.parametrize("dead_frac", [0.0, 0.003, 0.3, 1.0])  # none dead; 3 dead, fewer than k_aux; many; all
+@pytest.mark.parametrize("dead_frac", [0.0, 0.003, 0.03, 0.3, 1.0])  # none; 3, fewer than k_aux; 30; many; all
+@pytest.mark.parametrize("n_cand", [None, 40, 200])  # AuxK's candidates: every latent; 40 (a block); 200 (sparse)
 @pytest.mark.parametrize("kind", ["topk", "multi_topk", "matryoshka"])
 @pytest.mark.parametrize("dense_backward", [False, True])
-def test_static_route_equals_dense_reference(monkeypatch, dead_frac, kind, dense_backward):
-    """AuxK over a mask of the dead latents at a fixed width k_aux gives the reference's
-    top min(k_aux, n_dead) code, its loss (0 with nothing dead) and gradients."""
+def test_static_route_equals_dense_reference(monkeypatch, dead_frac, n_cand, kind, dense_backward):
+    """AuxK over a mask of the dead latents at a fixed width gives the reference's top
+    min(k_aux, n_dead) code, its loss (0 with nothing dead) and gradients, while the dead latents
+    fit in AuxK's candidates; past that, the reference's over the candidates' dead latents."""
     monkeypatch.setattr(kernels, "_STATIC", True)
     monkeypatch.setattr(kernels, "_dense_backward", lambda t: dense_backward)
     d, n, k, B = 8, 1000, 3, 64
     dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
     kw = {"multi_topk": kind == "multi_topk", "matryoshka": (100, 400) if kind == "matryoshka" else ()}
     sae, x = make(d, n, k, 0, torch.float64, k_aux=8, **kw), inputs(B, d, 0, 1.0, torch.float64)
-    (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
+    if n_cand is not None:
+        sae._scratch["aux_candidates"] = n_cand
+    fast, g_fast = run_path(sae, x, dead, False)
+    if n_cand is not None and dead.sum() > n_cand:  # the candidates: the dead latents first, as the route picks them
+        cand = dead.double().topk(n_cand, sorted=False).indices
+        dead = torch.zeros_like(dead).index_fill_(0, cand, True) & dead
+    ref, g_ref = run_path(sae, x, dead, True)
     assert (fast.aux_loss > 0) == bool(dead.any()) and torch.equal(fast.idx, ref.idx)
     assert torch.equal(fast.fired, ref.fired)
     for name in ("loss", "fvu", "aux_loss", "multi_loss", "nested_loss", "vals", "x_hat"):
@@ -145,10 +153,12 @@ def test_static_codes_have_the_same_shapes_whatever_is_dead(n_dead):
     g = torch.Generator().manual_seed(n_dead)
     x_c, W, b = torch.randn(B, d, generator=g), torch.randn(n, d, generator=g), torch.randn(n, generator=g)
     dead = torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.randperm(n, generator=g)[:n_dead], True)
-    vals, idx, aux_vals, aux_idx = kernels._static_codes(x_c, W, b, k, dead, k_aux)
-    assert vals.shape == idx.shape == (B, k) and aux_vals.shape == aux_idx.shape == (B, k_aux)
-    assert not aux_vals[~dead[aux_idx]].any()  # a live latent in the code holds 0
-    assert int((aux_vals > 0).sum(1).max()) <= n_dead
+    for n_cand, shape in ((n, (B, k_aux)), (20, (B, 20)), (200, (B, k_aux))):  # all; a block over 20; sparse
+        vals, idx, aux_vals, aux_idx = kernels._static_codes(x_c, W, b, k, dead, k_aux, n_cand)
+        assert vals.shape == idx.shape == (B, k) and aux_vals.shape == shape
+        assert aux_idx.shape == (shape if n_cand != 20 else (20,))  # a block's columns: its latents
+        live = ~dead[aux_idx].expand_as(aux_vals)
+        assert not aux_vals[live].any() and int((aux_vals > 0).sum(1).max()) <= min(n_dead, k_aux)
 
 
 def test_static_forward_traces_as_one_graph_with_no_host_sync(monkeypatch):
