@@ -321,7 +321,7 @@ def train_step(run, x, dead):
         else:
             loss, logged, finite = step_loss(sae, x, out, grid.data)
     if out is None or not finite:
-        return train.skip_nonfinite(run, out)
+        return train.skip_nonfinite(run, "activations" if out is None else "loss")
     for g in run.opt.param_groups:
         g["lr"] = train.lr_at(c, run.step, run.total_steps)
     run.opt.zero_grad(set_to_none=True)

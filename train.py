@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import types
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 
@@ -115,6 +116,9 @@ class TrainConfig:
     eval_tokens: int = flag(1 << 16, "held-out tokens for the final summary")
     skip_nonfinite: bool = flag(False, "skip batches whose loss is NaN/inf (counted in the log) instead of "
                                 "stopping")
+    cuda_graph: bool = flag(False, "replay the SAE's update (forward, backward, Adam) as one recorded CUDA graph "
+                            "(train.GraphedStep): no kernel launches from Python, no host syncs inside a step; "
+                            "a TopK SAE in one process on CUDA, without --skip_nonfinite")
 
     def resolve(self):
         """Fill the defaults that depend on other fields."""
@@ -211,6 +215,11 @@ def check_config(c):
     if c.resample_every > 0 and (c.activation != "topk" or c.latent_shards > 1):  # -1: on where it can be
         raise UserError(f"--resample_every {c.resample_every} restarts the latents of a TopK SAE in one process's "
                         f"latent group: pass --resample_every 0, or --activation topk with --latent_shards 1")
+    if c.cuda_graph and (not c.device.startswith("cuda") or c.activation != "topk" or world_size() > 1
+                         or c.skip_nonfinite):
+        raise UserError("--cuda_graph records the step of a TopK SAE in one process on CUDA, which cannot skip a "
+                        "batch it has already applied: use --device cuda and --activation topk, one process, no "
+                        "--skip_nonfinite; or drop --cuda_graph")
     world = world_size() // c.latent_shards  # the data-parallel replicas: a latent group reads one batch
     shards = c.shards or world
     if c.shards < 0 or shards % world:
@@ -506,14 +515,24 @@ class Run:
     skipped: int = 0  # non-finite batches skipped (--skip_nonfinite)
     restarts: int = 0  # latents restarted (--resample_every)
     grid: "sharding.LatentGrid | None" = None  # --latent_shards > 1: this process's place among the shards
+    graph: "GraphedStep | None" = None  # --cuda_graph: the update, recorded
 
     def checkpoint(self, metrics):
         c, sae = self.c, self.sae
         return {"sae_config": asdict(sae.cfg), "sae": sae.state_dict(), "ema": self.ema.shadow,
                 "ema_steps": self.ema.steps, "train_config": asdict(c), "subject": self.subject,
-                "step": self.step, "tokens_seen": self.step * c.batch_size, "optimizer": self.opt.state_dict(),
+                "step": self.step, "tokens_seen": self.step * c.batch_size, "optimizer": portable(self.opt),
                 "tokens_since_fired": self.tokens_since_fired, "skipped": self.skipped, "restarts": self.restarts,
                 "metrics": metrics}
+
+
+def portable(opt):
+    """Adam's state dict with the plain learning rate and capturable flag that any run resumes with:
+    --cuda_graph keeps the rate in a device tensor and makes Adam capturable, both for the graph."""
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["lr"], g["capturable"] = float(g["lr"]), False
+    return sd
 
 
 def start_run(c, resume):
@@ -551,6 +570,8 @@ def start_run(c, resume):
     run.ema = EMA(sae, c.ema_decay)
     if ck is not None:
         run.ema.load(ck["ema"], ck["ema_steps"])
+    if c.cuda_graph:
+        run.graph = GraphedStep(run)
     return run
 
 
@@ -606,27 +627,14 @@ def train_step(run, x, dead):
     """One step of the paper's training on the batch x (B, d_model), dead (n_latents,) the
     latents that have not fired for dead_tokens tokens -> the global batch's [loss, fvu,
     aux_loss, l0], or None for a batch skipped as non-finite (--skip_nonfinite). A sharded
-    run's step is sharding.train_step."""
+    run's step is sharding.train_step; --cuda_graph's update is run.graph's."""
     if run.grid:
         return sharding.train_step(run, x, dead)
     c, sae = run.c, run.sae
-    out = None
-    if all_ranks(torch.isfinite(x).all()):
-        with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
-                            enabled=c.dtype != "float32"):
-            out = run.net(x, dead_mask=dead if c.auxk else None)
-        loss, logged, finite = step_loss(sae, x, out)
-    if out is None or not finite:
-        return skip_nonfinite(run, out)
-    for g in run.opt.param_groups:
-        g["lr"] = lr_at(c, run.step, run.total_steps)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()                   # DDP: the gradients arrive averaged over the ranks
-    sae.project_decoder_grad()        # paper App. A.1 / [code]: keep decoder rows on the unit sphere
-    if c.grad_clip:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
-    run.opt.step()
-    sae.normalize_decoder()
+    stepped = run.graph(run, x, dead) if run.graph else update(run, x, dead)
+    if stepped is None:
+        return None
+    out, logged = stepped
     if sae.cfg.activation == "batchtopk":  # its inference threshold: the same on every rank
         sae.update_threshold(-any_rank_max(-torch.where(out.vals > 0, out.vals, torch.inf).amin()))
     run.ema.update(sae)
@@ -638,6 +646,39 @@ def train_step(run, x, dead):
     if c.resample_every and tokens // c.resample_every > (tokens - c.batch_size) // c.resample_every:
         run.restarts += resample_dead(run, x, out)
     return logged
+
+
+def update(run, x, dead):
+    """train_step's update of the SAE: forward, backward, decoder-gradient projection, clipping,
+    Adam, renormalization -> (SAEOutput, logged), or None for a batch skipped as non-finite."""
+    c, sae = run.c, run.sae
+    out = None
+    if all_ranks(torch.isfinite(x).all()):
+        with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
+                            enabled=c.dtype != "float32"):
+            out = run.net(x, dead_mask=dead if c.auxk else None)
+        loss, logged, finite = step_loss(sae, x, out)
+    if out is None or not finite:
+        return skip_nonfinite(run, "activations" if out is None else "loss")
+    set_lr(run.opt, lr_at(c, run.step, run.total_steps))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()                   # DDP: the gradients arrive averaged over the ranks
+    sae.project_decoder_grad()        # paper App. A.1 / [code]: keep decoder rows on the unit sphere
+    if c.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
+    run.opt.step()
+    sae.normalize_decoder()
+    return out, logged
+
+
+def set_lr(opt, lr):
+    """Every param group's learning rate := lr, in place where it is a tensor (--cuda_graph's, read
+    by the recorded Adam)."""
+    for g in opt.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
 
 
 # -----------------------------------------------------------------------------
@@ -706,16 +747,116 @@ def resample_dead(run, x, out):
     return len(idx)
 
 
-def skip_nonfinite(run, out):
-    """A batch whose activations (out None) or loss are not finite: stop with the fix, or with
+def skip_nonfinite(run, what):
+    """A batch whose activations or loss (what) are not finite: stop with the fix, or with
     --skip_nonfinite count it and go on -> None."""
     c = run.c
     if not c.skip_nonfinite:
-        what = "activations" if out is None else "loss"
         raise UserError(f"non-finite {what} at step {run.step} (tokens {run.step * c.batch_size:,}); the last "
                         f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
     run.skipped += 1
     return None
+
+
+# -----------------------------------------------------------------------------
+# --cuda_graph: the update recorded once as a CUDA graph and replayed
+
+
+def record(body):
+    """body() recorded as a CUDA graph, which runs nothing yet -> a function that replays it.
+    The tests put a stand-in here that runs body on kernels.py's static route instead."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
+class GraphedStep:
+    """--cuda_graph: update() as one CUDA graph, recorded once and replayed each step on its own
+    input tensors (the batch and the dead-latent mask are copied in, the learning rate filled
+    in): no kernel launches from Python and no host syncs inside the step (kernels.py's static
+    route). One sync after each replay reads back its losses, whether the batch and the loss
+    were finite (if not, the run stops: the update is already applied, the last checkpoint is
+    kept) and a bound on the latents dead at the next step, those within one batch of
+    dead_tokens. AuxK looks at a fixed number of candidate latents (kernels._static_codes);
+    when the bound passes it, the next step runs eagerly and the graph is recorded again with
+    twice the bound, so that AuxK sees every dead latent, as update() does. The first
+    `warmup` steps run update() eagerly on a side stream, as CUDA graphs need (Adam's state
+    and cuBLAS's workspaces exist before recording)."""
+
+    def __init__(self, run, warmup=3):
+        c, cfg = run.c, run.sae.cfg
+        new = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=c.device)
+        self.x, self.dead, self.lr = new(c.batch_size, cfg.d_model), new(c.n_latents, dtype=torch.bool), new(())
+        for g in run.opt.param_groups:  # the recorded Adam reads its learning rate from the device
+            g["lr"], g["capturable"] = self.lr, True
+        # what a replay leaves for train_step and the log: the code's values (resample_dead), the
+        # reconstruction, the fired latents; [loss, fvu, aux_loss, l0]; [batch finite, loss finite, bound]
+        self.vals, self.x_hat, self.fired = new(c.batch_size, cfg.k), new(c.batch_size, cfg.d_model), new(
+            c.n_latents, dtype=torch.bool)
+        self.logged, self.flags = new(4), new(3, dtype=torch.float64)
+        self.replay, self.eager_left = None, warmup
+
+    def __call__(self, run, x, dead):
+        """-> (the step's code, logged) as update() returns them, for the batch x and mask dead."""
+        if self.replay is None and self.eager_left:
+            self.eager_left -= 1
+            return self.eager(run, x, dead)
+        self.x.copy_(x)
+        self.dead.copy_(dead)
+        self.lr.fill_(lr_at(run.c, run.step, run.total_steps))
+        if self.replay is None:
+            self.widen(run, int(self.bound(run)))
+            self.replay = record(lambda: self.body(run))
+        self.replay()
+        finite_x, finite_loss, bound = self.flags.tolist()  # the one host sync of a step
+        if not (finite_x and finite_loss):
+            skip_nonfinite(run, "activations" if not finite_x else "loss")  # raises: no skipping here
+        if bound > run.sae._scratch["aux_candidates"]:
+            self.replay, self.eager_left = None, 1
+        return types.SimpleNamespace(vals=self.vals, x_hat=self.x_hat, fired=self.fired), self.logged
+
+    def eager(self, run, x, dead):
+        """update() on a side stream on CUDA."""
+        if not x.is_cuda:
+            return update(run, x, dead)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            stepped = update(run, x, dead)
+        torch.cuda.current_stream().wait_stream(side)
+        return stepped
+
+    def body(self, run):
+        """update() on the graph's inputs, its results copied into the graph's outputs."""
+        c, sae = run.c, run.sae
+        with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
+                            enabled=c.dtype != "float32", cache_enabled=False):  # no cast weights kept past a replay
+            out = sae(self.x, dead_mask=self.dead if c.auxk else None)
+        run.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.project_decoder_grad()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
+        run.opt.step()
+        sae.normalize_decoder()
+        self.logged.copy_(torch.stack([out.loss, out.fvu, out.aux_loss, out.l0]).detach())
+        self.flags.copy_(torch.stack([torch.isfinite(self.x).all(), torch.isfinite(self.logged).all(),
+                                      self.bound(run)]))
+        for mine, theirs in ((self.vals, out.vals), (self.x_hat, out.x_hat), (self.fired, out.fired)):
+            mine.copy_(theirs)
+
+    @staticmethod
+    def bound(run):
+        """How many latents can be dead at this step or the next: within a batch of dead_tokens."""
+        return (run.tokens_since_fired >= run.c.dead_tokens - run.c.batch_size).sum()
+
+    @staticmethod
+    def widen(run, bound):
+        """AuxK's candidates (kernels._static_codes) for at most `bound` dead latents: twice that,
+        at least 8 k_aux, at most every latent."""
+        cfg = run.sae.cfg
+        run.sae._scratch["aux_candidates"] = min(cfg.n_latents, max(8 * cfg.k_aux, 2 * bound))
 
 
 def train(c, resume=False):
