@@ -28,7 +28,7 @@ each straight after an untimed run of the same entry (see time_all):
 and reports tokens/s, each step against mm, mm+topk, mm bf16 and dense, the fast step's peak
 memory against parameters + Adam state + one micro-batch of pre-activations, and on CUDA the
 host syncs in one step (torch's sync debug mode). A batch whose (batch, n_latents)
-pre-activations pass 2^32 elements runs as micro-batches whose gradients add up before one
+pre-activations pass 2^31 elements runs as micro-batches whose gradients add up before one
 optimizer step (gradient accumulation: micro_batch), so GPU-sized batches fit. With a subject model
 (--model) it also measures its activation generation (blocks up to train.py's default layer)
 and an end-to-end train.py run of the default configuration, with the share of the training
@@ -50,6 +50,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -176,10 +177,10 @@ def profile_step(fn, device, steps=3, top=12):
                          "ms": self_us(e) / 1e3 / steps} for e in ops]}
 
 
-def micro_batch(B, n, limit=1 << 32):
+def micro_batch(B, n, limit=1 << 31):
     """Tokens per micro-batch for a step of B tokens at n latents: B halved until a (tokens, n)
-    matrix of pre-activations has at most `limit` elements (8 GiB in bf16), so that the
-    largest batches fit a GPU; a step accumulates the micro-batches' gradients (each
+    matrix of pre-activations has at most `limit` elements (4 GiB in bf16), so that the
+    largest batches fit an 80 GB GPU with the dense reference's several such matrices; a step accumulates the micro-batches' gradients (each
     micro-batch's loss weighted by its share of B) before one optimizer step."""
     mb = B
     while mb * n > limit and mb % 2 == 0:
@@ -345,36 +346,27 @@ def bench_activations(model, args):
 
 def bench_train(args):
     """train.py end to end on the default configuration (a --e2e_tokens run, no intermediate
-    checkpoints, activation chunks of --e2e_shuffle tokens so that a short run crosses several).
-    Instrumented from outside: SAE steps run from sae(x) in training mode to normalize_decoder,
-    the subject model's forward is train.activations; the rest of the training loop (context
-    sampling, shuffling, EMA, dead-latent counts, logging) is the pipeline's overhead."""
+    checkpoints, activation chunks of --e2e_shuffle tokens so that a short run crosses several),
+    with --e2e_args added. Instrumented from outside: SAE steps are train.train_step (the
+    update, eager or a CUDA graph's replay, then the EMA, dead-latent counts and restarts), the
+    subject model's forward is train.activations; the rest of the training loop (context
+    sampling, shuffling, logging) is the pipeline's overhead."""
     spans = {"step": [], "subject": []}
-    started = []
-    forward, normalize, activations = SAE.forward, SAE.normalize_decoder, train.activations
+    train_step, activations = train.train_step, train.activations
 
-    def timed_forward(self, *a, **kw):
-        if self.training:
-            started.append(time.perf_counter())
-        return forward(self, *a, **kw)
-
-    def timed_normalize(self, *a, **kw):
-        out = normalize(self, *a, **kw)
-        sync(args.device)
-        spans["step"].append((started[-1], time.perf_counter()))
-        return out
-
-    def timed_activations(*a, **kw):
-        t0 = time.perf_counter()
-        out = activations(*a, **kw)
-        sync(args.device)
-        spans["subject"].append((t0, time.perf_counter()))
-        return out
+    def timed(fn, kind):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync(args.device)
+            spans[kind].append((t0, time.perf_counter()))
+            return out
+        return wrapper
 
     argv = ["--model", args.model, "--device", args.device, "--tokens", str(args.e2e_tokens),
             "--shuffle_tokens", str(args.e2e_shuffle), "--ckpt_every", str(args.e2e_tokens),
-            "--eval_tokens", "4096", "--run", "bench"] + (QUICK_TRAIN if args.quick else [])
-    SAE.forward, SAE.normalize_decoder, train.activations = timed_forward, timed_normalize, timed_activations
+            "--eval_tokens", "4096", "--run", "bench"] + (QUICK_TRAIN if args.quick else []) + args.e2e_args.split()
+    train.train_step, train.activations = timed(train_step, "step"), timed(activations, "subject")
     try:
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
@@ -382,7 +374,7 @@ def bench_train(args):
             ck = train.main(argv + ["--out_dir", out])
             total = time.perf_counter() - t0
     finally:
-        SAE.forward, SAE.normalize_decoder, train.activations = forward, normalize, activations
+        train.train_step, train.activations = train_step, activations
     loop0, loop1 = spans["step"][0][0], spans["step"][-1][1]
     inside = lambda kind: sum(b - a for a, b in spans[kind] if a >= loop0 and b <= loop1)
     loop = loop1 - loop0
@@ -409,6 +401,9 @@ def print_table(res):
     print("tokens/s for mm ... dense; ratios of throughput; mem: fast step's peak; fast csr and fast graph: CUDA only")
     print(" | ".join(head))
     for r in res["shapes"]:
+        if "error" in r:
+            print(f"{r['d_model']} | {r['n_latents']} | {r['k']} | {r['batch']} | {r['error']}")
+            continue
         tps, mem = r["tokens_per_s"], r["memory_gb"] or {}
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
         batch = str(r["batch"]) + ("" if r["micro_batch"] == r["batch"] else f" ({r['micro_batch']})")
@@ -420,7 +415,7 @@ def print_table(res):
         if r["syncs_per_step"]:
             print("  host syncs a step: " + ", ".join(f"{k} {v}" for k, v in r["syncs_per_step"].items()))
     for r in res["shapes"]:
-        if r["screen"]:
+        if r.get("screen"):
             sc = r["screen"]
             print(f"bf16 screen at {r['d_model']},{r['n_latents']},{r['k']},{r['batch']}: of {sc['tokens']:,} tokens, "
                   f"{sc['past_tier_1']:.2%} past tier 1, {sc['past_tier_2']:.2%} past tier 2 (to the fp32 encoder)")
@@ -560,12 +555,24 @@ def check_shard_counts(counts):
     return None if all(m >= 1 for m in counts) else "use shard counts >= 1"
 
 
+def check_json_out(path):
+    """--json_out: a file in a directory this process can write in."""
+    return gpt.OutputDir()(os.path.dirname(path) or ".")
+
+
+def check_e2e_args(v):
+    """--e2e_args: flags that train.py knows (their values are checked when it runs)."""
+    names = {o for a in train.build_parser()._actions for o in a.option_strings}
+    unknown = [w for w in v.split() if w.startswith("--") and w.split("=")[0] not in names]
+    return f"train.py has no flag {unknown[0]}: see python train.py --help" if unknown else None
+
+
 # what each flag accepts (gpt.check_flags); --screen is an argparse choice
 RULES = {"device": gpt.check_device, "shapes": check_shapes, "dead_frac": gpt.Number(0, 1), "warmup": gpt.Number(0, 1000),
          "runs": gpt.Number(1, 1000), "model": None,  # any: a missing model skips its rows, as --help says
          "act_contexts": gpt.Number(1, 1 << 20), "e2e_tokens": gpt.Number(1, 10 ** 10),
          "e2e_shuffle": gpt.Number(1, 1 << 28), "threads": gpt.Number(0, 4096), "latent_shards": check_shard_counts,
-         "matryoshka": train.check_prefixes}
+         "matryoshka": train.check_prefixes, "json_out": check_json_out, "e2e_args": check_e2e_args}
 
 
 def build_parser():
@@ -600,7 +607,31 @@ def build_parser():
                    help="instead of the grid: train.py --latent_shards steps with M gloo processes of --threads "
                         "(default 1) threads each, for each M, at the first shape: per-process peak memory and step time")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json_out", default="", help="also write the results as JSON to this file, after each shape")
+    p.add_argument("--e2e_args", default="", help="more train.py flags for the end-to-end run, e.g. --e2e_args='--cuda_graph'")
     return p
+
+
+def bench_shape_or_error(shape, args):
+    """bench_shape, or the shape with the error that stopped it (on a GPU, out of memory): the
+    other shapes still run."""
+    try:
+        return bench_shape(*shape, args)
+    except torch.OutOfMemoryError as e:
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        d, n, k, B = shape
+        return {"d_model": d, "n_latents": n, "k": k, "batch": B, "error": f"out of memory: {str(e).splitlines()[0]}"}
+
+
+def save_partial(res, path):
+    """res as JSON at path (if given), written atomically: after each shape, so that a run that
+    is stopped keeps the shapes it finished."""
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -632,8 +663,11 @@ def main(argv=None):
     res = {"device": f"{args.device} ({name})", "torch": torch.__version__, "threads": torch.get_num_threads(),
            "dead_frac": args.dead_frac, "activation": args.activation, "matryoshka": args.matryoshka,
            "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-           "bf16_screen": kernels._BF16_SCREEN,
-           "shapes": [bench_shape(*s, args) for s in shapes], "activations": None, "train": None}
+           "bf16_screen": kernels._BF16_SCREEN, "argv": argv if argv is not None else sys.argv[1:],
+           "shapes": [], "activations": None, "train": None}
+    for s in shapes:
+        res["shapes"].append(bench_shape_or_error(s, args))
+        save_partial(res, args.json_out)  # a run cut short keeps what it measured
     if args.no_train:
         res["activations"] = res["train"] = "--no_train"
     else:
@@ -646,6 +680,7 @@ def main(argv=None):
             del model
             res["train"] = bench_train(args)
     res["load_avg"] = [load, os.getloadavg()[0]]  # 1-minute load average at the start and the end
+    save_partial(res, args.json_out)
     if args.json:
         print(json.dumps(res, indent=1))
     else:

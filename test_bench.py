@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import gpt
 import kernels
 
 
@@ -32,9 +33,12 @@ def test_time_all_times_each_entry_right_after_an_untimed_run_of_it(monkeypatch)
     assert res["a"][0] == 1.0 and res["b"][0] == 3.0
 
 
-def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
-    bench.main(["--quick", "--json", "--profile", "--model", tiny_gpt_ckpt])
+def test_bench_quick_runs(tiny_gpt_ckpt, capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--json", "--profile", "--model", tiny_gpt_ckpt, "--json_out", str(out),
+                "--e2e_args=--k_aux 8"])
     res = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == res and res["train"]["argv"][-2:] == ["--k_aux", "8"]
     r = res["shapes"][0]
     d, n, k, B = bench.GRIDS["quick"][0]
     assert (r["d_model"], r["n_latents"], r["k"], r["batch"], r["k_aux"]) == (d, n, k, B, d // 2)
@@ -72,10 +76,28 @@ def test_bench_quick_runs(tiny_gpt_ckpt, capsys):
     assert t["useful_share"] == pytest.approx((t["sae_step_s"] + t["subject_forward_s"]) / t["loop_s"])
 
 
+def test_a_shape_out_of_memory_is_reported_and_the_next_still_runs(monkeypatch, capsys):
+    def bench_shape(d, n, k, B, args):
+        if n > 1000:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(d, n, k, B, args)
+    real = bench.bench_shape
+    monkeypatch.setattr(bench, "bench_shape", bench_shape)
+    res = bench.main(["--shapes", "32,2048,8,64", "32,512,8,64", "--runs", "1", "--no_train", "--no_dense"])
+    assert res["shapes"][0]["error"] == "out of memory: CUDA out of memory. Tried to allocate 64.00 GiB"
+    assert res["shapes"][1]["tokens_per_s"]["fast"] > 0
+    assert "32 | 2048 | 8 | 64 | out of memory" in capsys.readouterr().out
+
+
+def test_e2e_args_must_be_train_flags():
+    with pytest.raises(gpt.UserError, match="train.py has no flag --cuda_grahp"):
+        bench.main(["--quick", "--e2e_args=--cuda_grahp"])
+
+
 def test_micro_batches_halve_the_batch_until_its_pre_activations_fit():
     assert bench.micro_batch(4096, 32768) == 4096  # 2^27 elements: one micro-batch
-    assert bench.micro_batch(131072, 32768) == 131072  # 2^32: still one
-    assert bench.micro_batch(131072, 131072) == 32768  # 2^34: four of 2^32
+    assert bench.micro_batch(65536, 32768) == 65536  # 2^31: still one
+    assert bench.micro_batch(131072, 131072) == 16384  # 2^34: eight of 2^31
     assert bench.micro_batch(6, 10, limit=20) == 3 and bench.micro_batch(3, 10, limit=20) == 3  # odd: as it is
 
 
