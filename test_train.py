@@ -344,15 +344,15 @@ def steps(run, n, static=False, monkeypatch=None):
     for _ in range(n):
         x, dead = run.stream.batch(run.step), run.tokens_since_fired >= run.c.dead_tokens
         with monkeypatch.context() as m:
-            m.setattr(kernels, "_STATIC", static and run.step >= 3)
+            m.setattr(kernels, "_STATIC", static)
             logged.append(train.train_step(run, x, dead).clone())
         run.step += 1
     return torch.stack(logged)
 
 
 def test_cuda_graph_step_replays_the_update_on_the_static_route(tiny_gpt_ckpt, tmp_path, recorded, monkeypatch):
-    """3 eager warm-up steps, then replays: the same losses, weights, dead-latent counts and
-    restarts as eager steps on the static route (AuxK live from step 2, restarts every 3 steps),
+    """3 eager warm-up steps, then replays, all on the static route: the same losses, weights,
+    dead-latent counts and restarts as eager steps on it (AuxK live from step 2, restarts every 3 steps),
     up to Adam's rounding with a tensor learning rate; recorded once; the checkpoint's Adam state
     has a plain learning rate, as any run resumes it."""
     eager, graph = (graph_run(tiny_gpt_ckpt, tmp_path, g, tokens=256 * 12, lr_decay=0.5) for g in (False, True))

@@ -13,6 +13,7 @@ the weights and dead-latent tracking for AuxK -> out/<run>/ckpt.pt and log.jsonl
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gpt
+import kernels
 import sharding
 from sharding import all_ranks, any_rank, any_rank_max, barrier, setup_distributed, step_loss, world_size
 from gpt import UserError, claim_run_dir, discard_failed_start, lock_file  # the run directory's
@@ -661,14 +663,19 @@ def update(run, x, dead):
     if out is None or not finite:
         return skip_nonfinite(run, "activations" if out is None else "loss")
     set_lr(run.opt, lr_at(c, run.step, run.total_steps))
+    descend(run, loss)
+    return out, logged
+
+
+def descend(run, loss):
+    """The gradient of loss, then Adam's step on the SAE with the decoder kept unit-norm."""
     run.opt.zero_grad(set_to_none=True)
     loss.backward()                   # DDP: the gradients arrive averaged over the ranks
-    sae.project_decoder_grad()        # paper App. A.1 / [code]: keep decoder rows on the unit sphere
-    if c.grad_clip:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
+    run.sae.project_decoder_grad()    # paper App. A.1 / [code]: keep decoder rows on the unit sphere
+    if run.c.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.sae.parameters(), run.c.grad_clip)
     run.opt.step()
-    sae.normalize_decoder()
-    return out, logged
+    run.sae.normalize_decoder()
 
 
 def set_lr(opt, lr):
@@ -781,8 +788,8 @@ class GraphedStep:
     dead_tokens. AuxK looks at a fixed number of candidate latents (kernels._static_codes);
     when the bound passes it, the next step runs eagerly and the graph is recorded again with
     twice the bound, so that AuxK sees every dead latent, as update() does. The first
-    `warmup` steps run update() eagerly on a side stream, as CUDA graphs need (Adam's state
-    and cuBLAS's workspaces exist before recording)."""
+    `warmup` steps run update() eagerly on the same route, on a side stream, as CUDA graphs
+    need (Adam's state and cuBLAS's workspaces exist before recording)."""
 
     def __init__(self, run, warmup=3):
         c, cfg = run.c, run.sae.cfg
@@ -817,14 +824,20 @@ class GraphedStep:
         return types.SimpleNamespace(vals=self.vals, x_hat=self.x_hat, fired=self.fired), self.logged
 
     def eager(self, run, x, dead):
-        """update() on a side stream on CUDA."""
-        if not x.is_cuda:
-            return update(run, x, dead)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            stepped = update(run, x, dead)
-        torch.cuda.current_stream().wait_stream(side)
+        """update() on the route the graph records (kernels.py's static route, AuxK's candidates
+        widened for the latents dead now), on a side stream on CUDA."""
+        self.widen(run, int(self.bound(run)))
+        side = torch.cuda.Stream() if x.is_cuda else None
+        if side:
+            side.wait_stream(torch.cuda.current_stream())
+        saved, kernels._STATIC = kernels._STATIC, True
+        try:
+            with torch.cuda.stream(side) if side else contextlib.nullcontext():
+                stepped = update(run, x, dead)
+        finally:
+            kernels._STATIC = saved
+        if side:
+            torch.cuda.current_stream().wait_stream(side)
         return stepped
 
     def body(self, run):
@@ -833,13 +846,7 @@ class GraphedStep:
         with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
                             enabled=c.dtype != "float32", cache_enabled=False):  # no cast weights kept past a replay
             out = sae(self.x, dead_mask=self.dead if c.auxk else None)
-        run.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.project_decoder_grad()
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
-        run.opt.step()
-        sae.normalize_decoder()
+        descend(run, out.loss)
         self.logged.copy_(torch.stack([out.loss, out.fvu, out.aux_loss, out.l0]).detach())
         self.flags.copy_(torch.stack([torch.isfinite(self.x).all(), torch.isfinite(self.logged).all(),
                                       self.bound(run)]))
