@@ -147,6 +147,25 @@ def test_static_route_equals_dense_reference(monkeypatch, dead_frac, n_cand, kin
         assert_rel(g_fast[name], g_ref[name], 1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench.py's GPU run runs it)")
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_fast_path_equals_dense_reference_on_a_gpu(monkeypatch, static, multi_topk):
+    """CUDA's own kernels (its TopK stages, dense backward), dynamic and static routes, in fp32."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(kernels, "_STATIC", static)
+    d, n, k, B = 64, 4096, 8, 512
+    dead = (torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.05).cuda()
+    sae = make(d, n, k, 0, torch.float32, multi_topk=multi_topk, k_aux=32).cuda()
+    x = inputs(B, d, 0, 1.0, torch.float32).cuda()
+    (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
+    assert fast.aux_loss > 0 and torch.equal(fast.idx, ref.idx) and torch.equal(fast.fired, ref.fired)
+    for name in ("loss", "fvu", "aux_loss", "multi_loss", "vals", "x_hat"):
+        assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), 1e-4)
+    for name in g_ref:
+        assert_rel(g_fast[name], g_ref[name], 1e-4)
+
+
 @pytest.mark.parametrize("n_dead", [0, 1, 5, 300])
 def test_static_codes_have_the_same_shapes_whatever_is_dead(n_dead):
     B, d, n, k, k_aux = 16, 8, 300, 4, 8

@@ -331,10 +331,10 @@ def recorded(monkeypatch):
     return bodies
 
 
-def graph_run(model, out_dir, cuda_graph, **kw):
+def graph_run(model, out_dir, cuda_graph, device="cpu", **kw):
     c = train.TrainConfig(model=model, out_dir=str(out_dir), run="graph" if cuda_graph else "eager", ctx_len=32,
                           batch_size=256, shuffle_tokens=2048, n_latents=512, k=4, dead_tokens=512, eval_tokens=512,
-                          cuda_graph=cuda_graph, device="cpu", **kw).resolve()
+                          cuda_graph=cuda_graph, device=device, dtype="float32", **kw).resolve()
     return train.start_run(c, resume=False)
 
 
@@ -364,6 +364,20 @@ def test_cuda_graph_step_replays_the_update_on_the_static_route(tiny_gpt_ckpt, t
     assert torch.equal(graph.tokens_since_fired, eager.tokens_since_fired) and graph.restarts == eager.restarts > 0
     group = graph.checkpoint({})["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(train.lr_at(graph.c, 11, 12)) and group["capturable"] is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench.py's GPU run runs it)")
+def test_cuda_graph_on_a_gpu_replays_the_update_on_the_static_route(tiny_gpt_ckpt, tmp_path, monkeypatch):
+    """The test above with a real CUDA graph: recorded once, the same trajectory as eager steps on
+    the static route, in fp32 (TF32 off: the two order their sums differently)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    eager, graph = (graph_run(tiny_gpt_ckpt, tmp_path, g, "cuda", tokens=256 * 12, lr_decay=0.5) for g in (False, True))
+    want, got = steps(eager, 12, static=True, monkeypatch=monkeypatch), steps(graph, 12, monkeypatch=monkeypatch)
+    assert (got[3:, 2] > 0).all() and graph.graph.replay is not None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, p in eager.sae.named_parameters():
+        torch.testing.assert_close(dict(graph.sae.named_parameters())[name], p, rtol=1e-3, atol=1e-4)
+    assert graph.restarts == eager.restarts > 0
 
 
 def test_cuda_graph_widens_auxks_candidates_before_more_latents_die(tiny_gpt_ckpt, tmp_path, recorded, monkeypatch):
