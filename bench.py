@@ -180,8 +180,9 @@ def profile_step(fn, device, steps=3, top=12):
 def micro_batch(B, n, limit=1 << 31):
     """Tokens per micro-batch for a step of B tokens at n latents: B halved until a (tokens, n)
     matrix of pre-activations has at most `limit` elements (4 GiB in bf16), so that the
-    largest batches fit an 80 GB GPU with the dense reference's several such matrices; a step accumulates the micro-batches' gradients (each
-    micro-batch's loss weighted by its share of B) before one optimizer step."""
+    largest batches fit an 80 GB GPU with the dense reference's several such matrices; a step
+    accumulates the micro-batches' gradients (each micro-batch's loss weighted by its share of
+    B) before one optimizer step."""
     mb = B
     while mb * n > limit and mb % 2 == 0:
         mb //= 2

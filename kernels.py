@@ -7,10 +7,9 @@ What is here, in the order a step runs it:
 - sparse_recon: the entry sae.py calls, returning what SAE.recon_dense returns.
 - the encoder (_SparseEncode): pre-activations in cache-sized chunks, a two-stage TopK
   (topk), AuxK's code over the dead latents (in fixed shapes, with no value read back, while a
-  CUDA graph captures the step or torch.compile traces it: static_shapes); on CPUs with native bf16 matmuls (AMX or
-  AVX512-BF16) the TopK comes from a bf16 screen checked in fp32 (_screened_topk), exact all
-  the same. Its backward touches only
-  the selected latents.
+  CUDA graph records the step or torch.compile traces it: static_shapes); on CPUs with native
+  bf16 matmuls (AMX or AVX512-BF16) the TopK comes from a bf16 screen checked in fp32
+  (_screened_topk), exact all the same. Its backward touches only the selected latents.
 - the decoder (_SparseDecode): embedding_bag sums of the selected rows; backward by CSR
   matrices on CPU and dense matmuls on CUDA.
 - buffers kept across steps on CPU, so that a step does not fault in fresh memory.
@@ -30,15 +29,17 @@ _ROW_CHUNK = 1 << 18
 
 def static_shapes(t):
     """Whether the step that t (a tensor of it) belongs to must keep every shape fixed by its
-    arguments and never wait for the device to read a value back: while a CUDA graph captures it
-    or torch.compile traces it (both replay the step without Python), or whenever _STATIC is
-    set. Then sae.py passes AuxK the dead latents as a mask (_static_codes), not as indices whose
-    count the host must read, and skips its finite-input check (its caller checks: train.py
-    checks each batch). BatchTopK's code has a varying width: it has no static route."""
-    return _STATIC or torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    arguments and never wait for the device to read a value back: while a CUDA graph records it
+    or torch.compile traces it (a graph replays what it recorded, shapes and all, and a sync
+    inside either breaks it), or whenever _STATIC is set. Then sae.py passes AuxK the dead
+    latents as a mask (_static_codes), not as indices whose count the host must read, and skips
+    its finite-input check (its caller checks: train.py checks each batch). BatchTopK's code
+    has a varying width: it has no static route."""
+    recording = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    return _STATIC or recording or torch.compiler.is_compiling()
 
 
-_STATIC = False  # the static route everywhere (tests; bench.py --static)
+_STATIC = False  # the static route everywhere: tests, and the eager steps around a recorded graph
 
 
 def sparse_recon(sae, x_n, k_top, dead_idx, k_aux):
@@ -171,6 +172,7 @@ class _SparseEncode(torch.autograd.Function):
         ctx.save_for_backward(x_c, W_enc, vals, idx, aux_vals, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
+
     @staticmethod
     def backward(ctx, g_vals, _, g_aux, __):
         x_c, W_enc, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
@@ -213,8 +215,8 @@ class _SparseEncode(torch.autograd.Function):
 
 
 def _dynamic_codes(x_c, W_enc, b_enc, k_top, dead_idx, k_aux, scratch):
-    """_SparseEncode's codes (vals before the ReLU) for the dead latents' indices dead_idx (n_dead,).
-    AuxK reads the same pre-activations: one encoder pass serves both losses. When the dead
+    """_SparseEncode's codes (vals before the ReLU) for the dead latents' indices dead_idx
+    (n_dead,). AuxK reads the same pre-activations: one encoder pass serves both losses. When the dead
     latents' (B, n_dead) outweigh W_enc, the encoder's rows go dead latents first, so that
     theirs are pre's leading columns, for the price of copying W_enc; else a second, small
     matmul recomputes them. Either beats gathering scattered columns of pre, a strided read of
