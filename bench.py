@@ -289,13 +289,16 @@ def make_step(sae, opt, xs, mb, cuda):
 
 
 def graph_step(sae, xs, mb, dead, errors):
-    """The fast step on CUDA captured once as a CUDA graph (kernels.py's static route, a fused
-    Adam of its own made capturable), replayed per call after copying the next batch into the
-    graph's input: no kernel launches from Python and no host syncs. -> the call, or None with
-    the reason in errors["fast_graph"] if capture fails."""
+    """The fast step on CUDA captured once as a CUDA graph (kernels.py's static route, AuxK's
+    candidates as train.py --cuda_graph sets them, a fused Adam of its own made capturable),
+    replayed per call after copying the next batch into the graph's input: no kernel launches
+    from Python and no host syncs. -> the call, or None with the reason in errors["fast_graph"]
+    if capture fails."""
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True, capturable=True)
     step = make_step(sae, opt, xs, mb, cuda=True)
     x = next(xs).clone()  # the graph's input: each call copies a batch into it
+    cfg = sae.cfg
+    sae._scratch["aux_candidates"] = kernels.aux_candidates(cfg.n_latents, cfg.k_aux, int(dead.sum()))  # as train.py
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

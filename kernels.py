@@ -266,6 +266,13 @@ def _static_codes(x_c, W_enc, b_enc, k_top, dead, k_aux, n_cand):
     return vals, idx, *_auxk_code(pre_cand, cand, min(k_aux, n_cand))
 
 
+def aux_candidates(n_latents, k_aux, n_dead):
+    """How many candidate latents the static route's AuxK should look at (_static_codes) when
+    at most n_dead are dead: twice that, so that a graph recorded with it serves while more
+    die, at least 8 k_aux, at most every latent."""
+    return min(n_latents, max(8 * k_aux, 2 * n_dead))
+
+
 def _preacts_topk(scratch, x_c, W_enc, b_enc, k_top, n_lead):
     """The encoder and TopK: pre-activations pre = x_c W_enc^T + b_enc (B, n_latents) -> vals,
     idx (B, k_top), each token's top k_top sorted descending, and pre[:, :n_lead].

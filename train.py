@@ -860,10 +860,9 @@ class GraphedStep:
 
     @staticmethod
     def widen(run, bound):
-        """AuxK's candidates (kernels._static_codes) for at most `bound` dead latents: twice that,
-        at least 8 k_aux, at most every latent."""
+        """AuxK's candidates (kernels._static_codes) for at most `bound` dead latents."""
         cfg = run.sae.cfg
-        run.sae._scratch["aux_candidates"] = min(cfg.n_latents, max(8 * cfg.k_aux, 2 * bound))
+        run.sae._scratch["aux_candidates"] = kernels.aux_candidates(cfg.n_latents, cfg.k_aux, bound)
 
 
 def train(c, resume=False):
