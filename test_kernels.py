@@ -180,6 +180,12 @@ def test_static_codes_have_the_same_shapes_whatever_is_dead(n_dead):
         assert not aux_vals[live].any() and int((aux_vals > 0).sum(1).max()) <= min(n_dead, k_aux)
 
 
+def test_aux_candidates_are_twice_the_dead_within_8_k_aux_and_every_latent():
+    assert kernels.aux_candidates(32768, 384, 0) == 8 * 384
+    assert kernels.aux_candidates(32768, 384, 2000) == 4000
+    assert kernels.aux_candidates(512, 16, 1000) == 512
+
+
 def test_static_forward_traces_as_one_graph_with_no_host_sync(monkeypatch):
     """torch.compile(fullgraph=True) refuses a step that reads a value back (nonzero, a bool of
     a tensor): the check, on CPU, that a CUDA graph could capture the forward. The dynamic
