@@ -22,8 +22,11 @@ each straight after an untimed run of the same entry (see time_all):
            over --dead_frac dead latents, backward, decoder-gradient projection, fused Adam,
            decoder renormalization; fast0 is the same with no dead latents (no AuxK)
   fast csr (CUDA) the fast step with the CPU's CSR backward kernels instead of CUDA's dense ones
+  fast gather (CUDA) the same with the backward by gathered rows and index_add_ (kernels.py's
+           _GATHER_BACKWARD, off by default until measured)
   fast graph (CUDA) the fast step captured once as a CUDA graph (kernels.py's static route) and
-           replayed: no kernel launches from Python, no host syncs
+           replayed: no kernel launches from Python, no host syncs; fast graph gather, the same
+           with the gather backward
   dense    the same step on sae.py's dense reference path (dense=True)
 and reports tokens/s, each step against mm, mm+topk, mm bf16 and dense, the fast step's peak
 memory against parameters + Adam state + one micro-batch of pre-activations, and on CUDA the
@@ -219,12 +222,14 @@ def bench_shape(d, n, k, B, args):
            "mm_bf16": lambda: chunks(x16, W16.t(), buf16),
            "fast": lambda: step(dead),
            "fast0": lambda: step(no_dead)}
-    if cuda:  # mm is already bf16 there; the CPU's CSR backward, and the step as one CUDA graph
+    errors = {}
+    if cuda:  # mm is already bf16 there; the other backward kernels, and the step as one CUDA graph
         del fns["mm_bf16"]
         fns["fast_csr"] = lambda: step(dead, backward="csr")
-    errors = {}
-    if cuda and args.activation == "topk":
-        fns["fast_graph"] = graph_step(sae, xs, mb, dead, errors)
+        fns["fast_gather"] = lambda: step(dead, backward="gather")
+        if args.activation == "topk":
+            fns["fast_graph"] = graph_step(sae, xs, mb, dead, errors, "auto", "fast_graph")
+            fns["fast_graph_gather"] = graph_step(sae, xs, mb, dead, errors, "gather", "fast_graph_gather")
     if not args.no_dense:
         fns["dense"] = lambda: step(dead, dense=True)
     fns = {name: fn for name, fn in fns.items() if fn is not None}
@@ -236,8 +241,8 @@ def bench_shape(d, n, k, B, args):
     r = {"d_model": d, "n_latents": n, "k": k, "batch": B, "micro_batch": mb, "k_aux": sae.cfg.k_aux,
          "n_dead": int(dead.sum()), "ms": ms, "tokens_per_s": {name: B / t for name, (t, _) in res.items()},
          "memory_gb": None, "screen": None, "errors": errors,
-         "syncs_per_step": {name: count_syncs(fns[name]) for name in ("fast", "fast_graph") if name in fns and cuda}}
-    for name in ("fast", "fast0", "fast_csr", "fast_graph"):  # throughput against the floors and the reference
+         "syncs_per_step": {name: count_syncs(fns[name]) for name in STEPS if name in fns and cuda}}
+    for name in STEPS:  # throughput against the floors and the reference
         for floor in ("mm", "mm_topk", "mm_bf16", "dense"):
             if name in ms and floor in ms:
                 r[f"{name}_over_{floor}"] = ms[floor] / ms[name]
@@ -258,18 +263,24 @@ def bench_shape(d, n, k, B, args):
     return r
 
 
+# the training steps bench_shape may time (fast_csr and on: CUDA only)
+STEPS = ("fast", "fast0", "fast_csr", "fast_gather", "fast_graph", "fast_graph_gather")
+
+
 def make_step(sae, opt, xs, mb, cuda):
     """step(dead_mask, dense=False, backward="auto", x=None): a training step as train.py runs it
     on the batch x (default: the next of xs), in micro-batches of mb tokens: forward with AuxK
     over the latents dead_mask, backward (kernels.py's on CUDA: "auto" its dense matmuls, "csr"
-    the CPU's CSR kernels), decoder-gradient projection, fused Adam, decoder renormalization."""
+    the CPU's CSR kernels, "gather" its gathers and index_add_), decoder-gradient projection,
+    fused Adam, decoder renormalization."""
     phase = torch.profiler.record_function  # labels for --profile; no cost without a profiler
 
     def step(dead_mask, dense=False, backward="auto", x=None, cache=True):
         x = next(xs) if x is None else x
-        saved = kernels._dense_backward
+        saved = kernels._dense_backward, kernels._GATHER_BACKWARD
         if backward == "csr":
             kernels._dense_backward = lambda t: False
+        kernels._GATHER_BACKWARD = backward == "gather" or kernels._GATHER_BACKWARD
         try:
             opt.zero_grad(set_to_none=True)
             for s in range(0, len(x), mb):
@@ -280,7 +291,7 @@ def make_step(sae, opt, xs, mb, cuda):
                 with phase("backward"):
                     (out.loss * (mb / len(x)) if mb < len(x) else out.loss).backward()
         finally:
-            kernels._dense_backward = saved
+            kernels._dense_backward, kernels._GATHER_BACKWARD = saved
         with phase("projection"):
             sae.project_decoder_grad()
         with phase("adam"):
@@ -291,12 +302,12 @@ def make_step(sae, opt, xs, mb, cuda):
     return step
 
 
-def graph_step(sae, xs, mb, dead, errors):
-    """The fast step on CUDA captured once as a CUDA graph (kernels.py's static route, AuxK's
-    candidates as train.py --cuda_graph sets them, a fused Adam of its own made capturable),
-    replayed per call after copying the next batch into the graph's input: no kernel launches
-    from Python and no host syncs. -> the call, or None with the reason in errors["fast_graph"]
-    if capture fails."""
+def graph_step(sae, xs, mb, dead, errors, backward, name):
+    """The fast step on CUDA, with the backward kernels `backward` (make_step), captured once as a
+    CUDA graph (kernels.py's static route, AuxK's candidates as train.py --cuda_graph sets them,
+    a fused Adam of its own made capturable), replayed per call after copying the next batch into
+    the graph's input: no kernel launches from Python and no host syncs. -> the call, or None
+    with the reason in errors[name] if capture fails."""
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True, capturable=True)
     step = make_step(sae, opt, xs, mb, cuda=True)
     x = next(xs).clone()  # the graph's input: each call copies a batch into it
@@ -308,13 +319,13 @@ def graph_step(sae, xs, mb, dead, errors):
         kernels._STATIC = True  # warm-up on the route the graph takes (Adam's state, cuBLAS's workspaces)
         with torch.cuda.stream(side):
             for _ in range(3):
-                step(dead, x=x, cache=False)
+                step(dead, backward=backward, x=x, cache=False)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step(dead, x=x, cache=False)
+            step(dead, backward=backward, x=x, cache=False)
     except Exception as e:  # reported, not fatal: the other entries still run
-        errors["fast_graph"] = f"{type(e).__name__}: {e}"
+        errors[name] = f"{type(e).__name__}: {e}"
         return None
     finally:
         kernels._STATIC = False
@@ -400,12 +411,12 @@ def print_table(res):
           f"bf16 screen {'on' if res['bf16_screen'] else 'off'}; "
           f"SAE {res['activation']}" + (f", Matryoshka {res['matryoshka']}" if res["matryoshka"] else "") + "; "
           f"THP_MEM_ALLOC_ENABLE={res['thp']}")
-    names = ("mm", "mm_topk", "mm_bf16", "fast", "fast0", "fast_csr", "fast_graph", "dense")
-    ratios = ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_mm_bf16", "fast_graph_over_mm",
-              "fast_over_dense", "fast_graph_over_dense")
+    names = ("mm", "mm_topk", "mm_bf16") + STEPS + ("dense",)
+    ratios = ("fast_over_mm", "fast_over_mm_topk", "fast0_over_mm", "fast_over_mm_bf16", "fast_gather_over_mm",
+              "fast_graph_over_mm", "fast_graph_gather_over_mm", "fast_over_dense", "fast_graph_over_dense")
     head = ["d_model", "n", "k", "batch"] + [n.replace("_", " ") for n in names] + \
         [r.replace("_over_", "/").replace("_", " ") for r in ratios] + ["mem GB", "mem/budget"]
-    print("tokens/s for mm ... dense; ratios of throughput; mem: fast step's peak; fast csr and fast graph: CUDA only")
+    print("tokens/s for mm ... dense; ratios of throughput; mem: fast step's peak; fast csr and later: CUDA only")
     print(" | ".join(head))
     for r in res["shapes"]:
         if "error" in r:

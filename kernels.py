@@ -182,7 +182,14 @@ class _SparseEncode(torch.autograd.Function):
                  if g is not None and i.numel() > 0]
         if not codes:
             return (None,) * 8
-        if _dense_backward(x_c):
+        if _dense_backward(x_c) and _GATHER_BACKWARD:  # rows += g x_c at each entry (_scatter_outer)
+            grad_W_enc = x_c.new_zeros(W_enc.shape)
+            for i, g in codes:
+                if i.dim() == 2:
+                    _scatter_outer(grad_W_enc, i, g, x_c)
+                else:  # a dense block over the latents i: (n_i, B) @ (B, d)
+                    grad_W_enc.index_add_(0, i, g.t() @ x_c)
+        elif _dense_backward(x_c):
             # G (B, n_latents), zero off the codes: forward's matmul transposed. scatter_add_:
             # a dead latent in a token's TopK and AuxK codes gets both gradients.
             G = x_c.new_zeros(len(x_c), len(W_enc), dtype=ctx.mm_dtype)
@@ -467,6 +474,10 @@ class _SparseDecode(torch.autograd.Function):
             lp = ctx.mm_dtype
             grad_W_dec, W_lp, dots = torch.zeros_like(W_dec), W_dec.to(lp), []
             for v, i, g in sparse:  # one (B, n) temporary at a time: peak memory
+                if _GATHER_BACKWARD:  # the code's rows gathered, no (B, n) matrices
+                    dots.append(_gather_dots(W_dec, i, g).to(v.dtype))
+                    _scatter_outer(grad_W_dec, i, v, g)
+                    continue
                 g = g.to(lp)
                 dots.append((g @ W_lp.t()).gather(1, i).to(v.dtype))
                 grad_W_dec += g.new_zeros(len(v), len(W_dec)).scatter_(1, i, v.to(lp)).t() @ g
@@ -505,6 +516,32 @@ def _dense_backward(t):
     (B, d) matmul costs about what the forward's does. On CPU the matmuls would cost
     B * n * d each, the CSR ones B * k * d."""
     return t.device.type == "cuda"
+
+
+# CUDA's backward by gathered rows and index_add_ instead of dense (B, n) matrices and matmuls:
+# B * K * d work a code instead of B * n * d, in memory-bound gathers and atomic adds instead of
+# a matmul. Off until a GPU measures it (bench.py's fast_gather entry); its tests run it on CPU.
+_GATHER_BACKWARD = False
+_GATHER_CHUNK = 1 << 26  # elements of a (tokens, K, d) temporary at a time: bounds the peak memory
+
+
+def _gather_dots(W, idx, g):
+    """<W[idx[b, j]], g[b]> for idx (B, K), g (B, d) -> (B, K), by the gathered rows, in chunks."""
+    B, K = idx.shape
+    step = max(1, _GATHER_CHUNK // (K * W.shape[1]))
+    return torch.cat([torch.bmm(F.embedding(idx[s:s + step], W), g[s:s + step].to(W.dtype).unsqueeze(2)).squeeze(2)
+                      for s in range(0, B, step)]) if B else g.new_zeros(0, K)
+
+
+def _scatter_outer(out, idx, coef, rows):
+    """out[idx[b, j]] += coef[b, j] * rows[b] for idx, coef (B, K), rows (B, d): index_add_ of the
+    (tokens, K, d) products, in chunks."""
+    B, K = idx.shape
+    d = rows.shape[1]
+    step = max(1, _GATHER_CHUNK // (K * d))
+    for s in range(0, B, step):
+        prod = coef[s:s + step].unsqueeze(2).to(out.dtype) * rows[s:s + step].unsqueeze(1).to(out.dtype)
+        out.index_add_(0, idx[s:s + step].reshape(-1), prod.reshape(-1, d))
 
 
 def _backward_dtype(W):

@@ -50,7 +50,8 @@ def test_bench_quick_runs(tiny_gpt_ckpt, capsys, tmp_path):
     assert (prof["kernels_per_step"] is None) == (prof["gpu_busy"] is None) == (not cuda)
     assert res["bf16_screen"] == kernels._BF16_SCREEN
     # mm is bf16 on CUDA; the CSR backward and the CUDA graph are CUDA's alone
-    entries = {"mm", "mm_topk", "fast", "fast0", "dense"} | ({"fast_csr", "fast_graph"} if cuda else {"mm_bf16"})
+    entries = {"mm", "mm_topk", "fast", "fast0", "dense"} | (
+        {"fast_csr", "fast_gather", "fast_graph", "fast_graph_gather"} if cuda else {"mm_bf16"})
     assert set(r["ms"]) == set(r["tokens_per_s"]) == entries and r["errors"] == {}
     assert r["micro_batch"] == B and (r["syncs_per_step"] == {}) == (not cuda)
     for name, ms in r["ms"].items():  # tokens/s and the ratios come from the same medians

@@ -72,6 +72,29 @@ def test_fast_path_equals_dense_reference_on_every_route(monkeypatch, multi_topk
             assert_rel(g_fast[name], g_ref[name], tol)
 
 
+@pytest.mark.parametrize("kind", ["topk", "multi_topk", "matryoshka"])
+@pytest.mark.parametrize("dead_frac", [0.0, 0.05, 0.3])  # no AuxK; AuxK as a dense block; sparse
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("chunk", [1 << 26, 100])  # the gathers in one piece; a few tokens at a time
+def test_gather_backward_equals_dense_reference(monkeypatch, kind, dead_frac, static, chunk):
+    """CUDA's backward by gathered rows and index_add_ (kernels._GATHER_BACKWARD), run on CPU."""
+    monkeypatch.setattr(kernels, "_dense_backward", lambda t: True)
+    monkeypatch.setattr(kernels, "_GATHER_BACKWARD", True)
+    monkeypatch.setattr(kernels, "_GATHER_CHUNK", chunk)
+    monkeypatch.setattr(kernels, "_STATIC", static)
+    d, n, k, B = 8, 1000, 3, 64
+    dead = torch.rand(n, generator=torch.Generator().manual_seed(0)) < dead_frac
+    kw = {"multi_topk": kind == "multi_topk", "matryoshka": (100, 400) if kind == "matryoshka" else ()}
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        sae, x = make(d, n, k, 0, dtype, k_aux=8, **kw), inputs(B, d, 0, 1.0, dtype)
+        (fast, g_fast), (ref, g_ref) = (run_path(sae, x, dead, dense) for dense in (False, True))
+        assert (fast.aux_loss > 0) == (dead_frac > 0) and torch.equal(fast.idx, ref.idx)
+        for name in ("loss", "fvu", "aux_loss", "multi_loss", "nested_loss", "vals", "x_hat"):
+            assert_rel(getattr(fast, name).detach(), getattr(ref, name).detach(), tol)
+        for name in g_ref:
+            assert_rel(g_fast[name], g_ref[name], tol)
+
+
 def dense_codes(out, n):
     """An SAEOutput's code as a dense (B, n) matrix: BatchTopK's zero padding may point
     anywhere, so codes are compared this way, not by their indices."""
