@@ -173,10 +173,12 @@ def test_static_route_equals_dense_reference(monkeypatch, dead_frac, n_cand, kin
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench.py's GPU run runs it)")
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("multi_topk", [False, True])
-def test_fast_path_equals_dense_reference_on_a_gpu(monkeypatch, static, multi_topk):
-    """CUDA's own kernels (its TopK stages, dense backward), dynamic and static routes, in fp32."""
+@pytest.mark.parametrize("gather", [False, True])
+def test_fast_path_equals_dense_reference_on_a_gpu(monkeypatch, static, multi_topk, gather):
+    """CUDA's own kernels (its TopK stages, dense or gather backward), dynamic and static routes, in fp32."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(kernels, "_STATIC", static)
+    monkeypatch.setattr(kernels, "_GATHER_BACKWARD", gather)
     d, n, k, B = 64, 4096, 8, 512
     dead = (torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.05).cuda()
     sae = make(d, n, k, 0, torch.float32, multi_topk=multi_topk, k_aux=32).cuda()
