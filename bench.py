@@ -56,9 +56,11 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
+import cudagraph
 import gpt
 import train
 import kernels
@@ -321,9 +323,7 @@ def graph_step(sae, xs, mb, dead, errors, backward, name):
             for _ in range(3):
                 step(dead, backward=backward, x=x, cache=False)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(dead, backward=backward, x=x, cache=False)
+        replay_graph = cudagraph.record(lambda: step(dead, backward=backward, x=x, cache=False))
     except Exception as e:  # reported, not fatal: the other entries still run
         errors[name] = f"{type(e).__name__}: {e}"
         return None
@@ -332,14 +332,13 @@ def graph_step(sae, xs, mb, dead, errors, backward, name):
 
     def replay():
         x.copy_(next(xs))
-        graph.replay()
+        replay_graph()
 
     return replay
 
 
 def count_syncs(fn):
     """Host syncs in one call of fn on CUDA: the warnings of torch's sync debug mode."""
-    import warnings
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -688,7 +687,7 @@ def main(argv=None):
            "shapes": [], "activations": None, "train": None}
     for s in shapes:
         res["shapes"].append(bench_shape_or_error(s, args))
-        save_partial(res, args.json_out)  # a run cut short keeps what it measured
+        save_partial(res, args.json_out)  # a run stopped early keeps its finished shapes
     if args.no_train:
         res["activations"] = res["train"] = "--no_train"
     else:

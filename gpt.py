@@ -69,6 +69,21 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def integer(s):
+    """An argparse type for integer flags that also accepts 4_000_000 and 4e6, not 2.5, nan or 1e400."""
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s.replace("_", ""))
+    except ValueError:
+        f = math.nan
+    if not (math.isfinite(f) and f == int(f)):
+        raise argparse.ArgumentTypeError(f"invalid integer value: {s!r}")
+    return int(f)
+
+
 @dataclass(frozen=True)
 class Number:
     """A finite number in [lo, hi] (or (lo, ... / ..., hi) when open); note says what special values mean."""

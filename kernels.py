@@ -42,6 +42,16 @@ def static_shapes(t):
 _STATIC = False  # the static route everywhere: tests, and the eager steps around a recorded graph
 
 
+def auxk_latents(dead, k_aux, static):
+    """The dead latents (n_latents,) bool -> AuxK's latents and width as sparse_recon and the
+    dense reference take them: the dead latents' indices and min(k_aux, n_dead), a count read
+    back from the device; on the static route (static_shapes) the mask itself and k_aux."""
+    if static:
+        return dead, k_aux
+    dead_idx = dead.nonzero().squeeze(1)
+    return dead_idx, min(k_aux, len(dead_idx))
+
+
 def sparse_recon(sae, x_n, k_top, dead_idx, k_aux):
     """SAE.recon_dense's (vals, idx, x_hat, x_hat_multi, e_hat) for the SAE sae, from one
     dense encoder matmul; everything after it costs O(B * (k_top + k_aux) * d), or
@@ -63,6 +73,8 @@ def sparse_recon(sae, x_n, k_top, dead_idx, k_aux):
     x_hat = outs[0] + sae.b_pre
     x_hat_multi = x_hat + outs[1] if k_top > k else x_hat
     e_hat = outs[-1] if k_aux else None
+    if k_aux and dead_idx.dtype == torch.bool:  # static route, nothing dead: AuxK's FVU 0, as with k_aux 0
+        e_hat = torch.where(dead_idx.any(), e_hat, (x_n - x_hat).detach())
     return vals, idx, x_hat, x_hat_multi, e_hat
 
 
@@ -530,7 +542,7 @@ def _gather_dots(W, idx, g):
     B, K = idx.shape
     step = max(1, _GATHER_CHUNK // (K * W.shape[1]))
     return torch.cat([torch.bmm(F.embedding(idx[s:s + step], W), g[s:s + step].to(W.dtype).unsqueeze(2)).squeeze(2)
-                      for s in range(0, B, step)]) if B else g.new_zeros(0, K)
+                      for s in range(0, B, step)])
 
 
 def _scatter_outer(out, idx, coef, rows):

@@ -191,11 +191,8 @@ class SAE(nn.Module):
             x_hat = self.decode_sparse(vals, idx)
             main = fvu(x_n, x_hat)
             return self._output((main, main, zero, zero, zero, zero), vals, idx, x_hat, mu, scale)
-        # kernels.static_shapes (a CUDA graph, torch.compile): AuxK gets the mask and a fixed width,
-        # no count of the dead latents read back from the device; else their indices
-        static = not dense and cfg.activation == "topk" and kernels.static_shapes(x_n)
-        dead_idx = self._check_dead_mask(dead_mask, x_n.device, as_mask=static)
-        k_aux = (cfg.k_aux if dead_mask is not None else 0) if static else min(cfg.k_aux, dead_idx.numel())
+        static = not dense and cfg.activation == "topk" and kernels.static_shapes(x_n)  # CUDA graphs, compile
+        dead_idx, k_aux = kernels.auxk_latents(self._check_dead_mask(dead_mask, x_n.device), cfg.k_aux, static)
         k_top = min(4 * cfg.k, cfg.n_latents) if cfg.multi_topk else cfg.k
         if dense:
             vals, idx, x_hat, x_hat_multi, e_hat = self.recon_dense(x_n, k_top, dead_idx, k_aux)
@@ -216,8 +213,6 @@ class SAE(nn.Module):
             # e, with no b_pre; [code]: normalized like the main loss and zeroed if NaN.
             e = (x_n - x_hat).detach()
             aux = fvu(e, e_hat).nan_to_num(0.0, 0.0, 0.0)
-            if static:  # 0 when nothing is dead, as the dynamic route's k_aux = 0 gives
-                aux = torch.where(dead_idx.any(), aux, zero)
         loss = self.total_loss(main, multi, aux, zero, nested=nested)
         return self._output((loss, main, aux, multi, nested, zero), vals, idx, x_hat, mu, scale)
 
@@ -357,16 +352,15 @@ class SAE(nn.Module):
             raise ValueError(f"k must be in [1, n_latents={self.cfg.n_latents}], got {k}")
         return k
 
-    def _check_dead_mask(self, dead_mask, device, as_mask=False):
-        """-> (n_dead,) indices of dead latents; as_mask: the (n_latents,) bool mask itself."""
+    def _check_dead_mask(self, dead_mask, device):
+        """-> (n_latents,) bool: the dead latents, none if dead_mask is None."""
         n = self.cfg.n_latents
         if dead_mask is None:
-            return torch.zeros(n if as_mask else 0, dtype=torch.bool if as_mask else torch.long, device=device)
+            return torch.zeros(n, dtype=torch.bool, device=device)
         if dead_mask.shape != (n,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor of shape ({n},), "
                              f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
-        dead_mask = dead_mask.to(device)
-        return dead_mask if as_mask else dead_mask.nonzero().squeeze(1)
+        return dead_mask.to(device)
 
     def to_checkpoint(self):
         return {"config": asdict(self.cfg), "state_dict": self.state_dict()}

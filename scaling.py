@@ -850,7 +850,7 @@ def build_parser():
     p.add_argument("--report", nargs="?", const="", default=None, metavar="DIR", help=HELP["report"])
     for f in fields(train.TrainConfig):  # TrainConfig's defaults: a flag left at its default lets the grid choose
         if f.name in SWEEP_FLAGS:
-            p.add_argument(f"--{f.name}", type=train._int if f.type is int else f.type, default=f.default,
+            p.add_argument(f"--{f.name}", type=gpt.integer if f.type is int else f.type, default=f.default,
                            help=HELP[f.name])
     p.add_argument("--debug", action="store_true", help=HELP["debug"])
     return p

@@ -360,7 +360,7 @@ def test_the_defaults_pass_the_rules(tmp_path, monkeypatch):
 
 def bad_values(action, rule):
     """A strategy of values that `action` (the rule's flag) must refuse."""
-    integer = action.type not in (float, str, None)  # int, or train's _int
+    integer = action.type not in (float, str, None)  # int, or gpt.integer
     junk = ["abc", "1,5", "0x", "nan", "inf", "-inf", "1e400"] + (["2.5", ""] if integer else [""])
     if action.choices is not None or isinstance(rule, gpt.OneOf):
         choices = action.choices if action.choices is not None else rule.choices

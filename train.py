@@ -12,13 +12,10 @@ within each chunk) -> the SAE (sae.py) trained with Adam, the decoder constraint
 the weights and dead-latent tracking for AuxK -> out/<run>/ckpt.pt and log.jsonl.
 """
 
-import argparse
-import contextlib
 import json
 import math
 import os
 import time
-import types
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 
@@ -28,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cudagraph
 import gpt
-import kernels
 import sharding
 from sharding import all_ranks, any_rank, any_rank_max, barrier, setup_distributed, step_loss, world_size
 from gpt import UserError, claim_run_dir, discard_failed_start, lock_file  # the run directory's
@@ -119,7 +116,7 @@ class TrainConfig:
     skip_nonfinite: bool = flag(False, "skip batches whose loss is NaN/inf (counted in the log) instead of "
                                 "stopping")
     cuda_graph: bool = flag(False, "replay the SAE's update (forward, backward, Adam) as one recorded CUDA graph "
-                            "(train.GraphedStep): no kernel launches from Python, no host syncs inside a step; "
+                            "(cudagraph.py): no kernel launches from Python, no host syncs inside a step; "
                             "a TopK SAE in one process on CUDA, without --skip_nonfinite")
 
     def resolve(self):
@@ -217,11 +214,7 @@ def check_config(c):
     if c.resample_every > 0 and (c.activation != "topk" or c.latent_shards > 1):  # -1: on where it can be
         raise UserError(f"--resample_every {c.resample_every} restarts the latents of a TopK SAE in one process's "
                         f"latent group: pass --resample_every 0, or --activation topk with --latent_shards 1")
-    if c.cuda_graph and (not c.device.startswith("cuda") or c.activation != "topk" or world_size() > 1
-                         or c.skip_nonfinite):
-        raise UserError("--cuda_graph records the step of a TopK SAE in one process on CUDA, which cannot skip a "
-                        "batch it has already applied: use --device cuda and --activation topk, one process, no "
-                        "--skip_nonfinite; or drop --cuda_graph")
+    cudagraph.check_config(c)
     world = world_size() // c.latent_shards  # the data-parallel replicas: a latent group reads one batch
     shards = c.shards or world
     if c.shards < 0 or shards % world:
@@ -517,24 +510,15 @@ class Run:
     skipped: int = 0  # non-finite batches skipped (--skip_nonfinite)
     restarts: int = 0  # latents restarted (--resample_every)
     grid: "sharding.LatentGrid | None" = None  # --latent_shards > 1: this process's place among the shards
-    graph: "GraphedStep | None" = None  # --cuda_graph: the update, recorded
+    graph: "cudagraph.GraphedStep | None" = None  # --cuda_graph: the update, recorded
 
     def checkpoint(self, metrics):
         c, sae = self.c, self.sae
         return {"sae_config": asdict(sae.cfg), "sae": sae.state_dict(), "ema": self.ema.shadow,
                 "ema_steps": self.ema.steps, "train_config": asdict(c), "subject": self.subject,
-                "step": self.step, "tokens_seen": self.step * c.batch_size, "optimizer": portable(self.opt),
+                "step": self.step, "tokens_seen": self.step * c.batch_size, "optimizer": cudagraph.portable(self.opt),
                 "tokens_since_fired": self.tokens_since_fired, "skipped": self.skipped, "restarts": self.restarts,
                 "metrics": metrics}
-
-
-def portable(opt):
-    """Adam's state dict with the plain learning rate and capturable flag that any run resumes with:
-    --cuda_graph keeps the rate in a device tensor and makes Adam capturable, both for the graph."""
-    sd = opt.state_dict()
-    for g in sd["param_groups"]:
-        g["lr"], g["capturable"] = float(g["lr"]), False
-    return sd
 
 
 def start_run(c, resume):
@@ -573,7 +557,7 @@ def start_run(c, resume):
     if ck is not None:
         run.ema.load(ck["ema"], ck["ema_steps"])
     if c.cuda_graph:
-        run.graph = GraphedStep(run)
+        run.graph = cudagraph.GraphedStep(run)
     return run
 
 
@@ -629,7 +613,7 @@ def train_step(run, x, dead):
     """One step of the paper's training on the batch x (B, d_model), dead (n_latents,) the
     latents that have not fired for dead_tokens tokens -> the global batch's [loss, fvu,
     aux_loss, l0], or None for a batch skipped as non-finite (--skip_nonfinite). A sharded
-    run's step is sharding.train_step; --cuda_graph's update is run.graph's."""
+    run's step is sharding.train_step; --cuda_graph's update is run.graph's (cudagraph.py)."""
     if run.grid:
         return sharding.train_step(run, x, dead)
     c, sae = run.c, run.sae
@@ -662,7 +646,8 @@ def update(run, x, dead):
         loss, logged, finite = step_loss(sae, x, out)
     if out is None or not finite:
         return skip_nonfinite(run, "activations" if out is None else "loss")
-    set_lr(run.opt, lr_at(c, run.step, run.total_steps))
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(c, run.step, run.total_steps)
     descend(run, loss)
     return out, logged
 
@@ -676,16 +661,6 @@ def descend(run, loss):
         torch.nn.utils.clip_grad_norm_(run.sae.parameters(), run.c.grad_clip)
     run.opt.step()
     run.sae.normalize_decoder()
-
-
-def set_lr(opt, lr):
-    """Every param group's learning rate := lr, in place where it is a tensor (--cuda_graph's, read
-    by the recorded Adam)."""
-    for g in opt.param_groups:
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"].fill_(lr)
-        else:
-            g["lr"] = lr
 
 
 # -----------------------------------------------------------------------------
@@ -763,106 +738,6 @@ def skip_nonfinite(run, what):
                         f"checkpoint ({run.ckpt_path}) is kept. Lower --lr, set --grad_clip, or pass --skip_nonfinite")
     run.skipped += 1
     return None
-
-
-# -----------------------------------------------------------------------------
-# --cuda_graph: the update recorded once as a CUDA graph and replayed
-
-
-def record(body):
-    """body() recorded as a CUDA graph, which runs nothing yet -> a function that replays it.
-    The tests put a stand-in here that runs body on kernels.py's static route instead."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph.replay
-
-
-class GraphedStep:
-    """--cuda_graph: update() as one CUDA graph, recorded once and replayed each step on its own
-    input tensors (the batch and the dead-latent mask are copied in, the learning rate filled
-    in): no kernel launches from Python and no host syncs inside the step (kernels.py's static
-    route). One sync after each replay reads back its losses, whether the batch and the loss
-    were finite (if not, the run stops: the update is already applied, the last checkpoint is
-    kept) and a bound on the latents dead at the next step, those within one batch of
-    dead_tokens. AuxK looks at a fixed number of candidate latents (kernels._static_codes);
-    when the bound passes it, the next step runs eagerly and the graph is recorded again with
-    twice the bound, so that AuxK sees every dead latent, as update() does. The first
-    `warmup` steps run update() eagerly on the same route, on a side stream, as CUDA graphs
-    need (Adam's state and cuBLAS's workspaces exist before recording)."""
-
-    def __init__(self, run, warmup=3):
-        c, cfg = run.c, run.sae.cfg
-        new = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=c.device)
-        self.x, self.dead, self.lr = new(c.batch_size, cfg.d_model), new(c.n_latents, dtype=torch.bool), new(())
-        for g in run.opt.param_groups:  # the recorded Adam reads its learning rate from the device
-            g["lr"], g["capturable"] = self.lr, True
-        # what a replay leaves for train_step and the log: the code's values (resample_dead), the
-        # reconstruction, the fired latents; [loss, fvu, aux_loss, l0]; [batch finite, loss finite, bound]
-        self.vals, self.x_hat, self.fired = new(c.batch_size, cfg.k), new(c.batch_size, cfg.d_model), new(
-            c.n_latents, dtype=torch.bool)
-        self.logged, self.flags = new(4), new(3, dtype=torch.float64)
-        self.replay, self.eager_left = None, warmup
-
-    def __call__(self, run, x, dead):
-        """-> (the step's code, logged) as update() returns them, for the batch x and mask dead."""
-        if self.replay is None and self.eager_left:
-            self.eager_left -= 1
-            return self.eager(run, x, dead)
-        self.x.copy_(x)
-        self.dead.copy_(dead)
-        self.lr.fill_(lr_at(run.c, run.step, run.total_steps))
-        if self.replay is None:
-            self.widen(run, int(self.bound(run)))
-            self.replay = record(lambda: self.body(run))
-        self.replay()
-        finite_x, finite_loss, bound = self.flags.tolist()  # the one host sync of a step
-        if not (finite_x and finite_loss):
-            skip_nonfinite(run, "activations" if not finite_x else "loss")  # raises: no skipping here
-        if bound > run.sae._scratch["aux_candidates"]:
-            self.replay, self.eager_left = None, 1
-        return types.SimpleNamespace(vals=self.vals, x_hat=self.x_hat, fired=self.fired), self.logged
-
-    def eager(self, run, x, dead):
-        """update() on the route the graph records (kernels.py's static route, AuxK's candidates
-        widened for the latents dead now), on a side stream on CUDA."""
-        self.widen(run, int(self.bound(run)))
-        side = torch.cuda.Stream() if x.is_cuda else None
-        if side:
-            side.wait_stream(torch.cuda.current_stream())
-        saved, kernels._STATIC = kernels._STATIC, True
-        try:
-            with torch.cuda.stream(side) if side else contextlib.nullcontext():
-                stepped = update(run, x, dead)
-        finally:
-            kernels._STATIC = saved
-        if side:
-            torch.cuda.current_stream().wait_stream(side)
-        return stepped
-
-    def body(self, run):
-        """update() on the graph's inputs, its results copied into the graph's outputs."""
-        c, sae = run.c, run.sae
-        with torch.autocast(device_type=torch.device(c.device).type, dtype=getattr(torch, c.dtype),
-                            enabled=c.dtype != "float32", cache_enabled=False):  # no cast weights kept past a replay
-            out = sae(self.x, dead_mask=self.dead if c.auxk else None)
-        descend(run, out.loss)
-        self.logged.copy_(torch.stack([out.loss, out.fvu, out.aux_loss, out.l0]).detach())
-        self.flags.copy_(torch.stack([torch.isfinite(self.x).all(), torch.isfinite(self.logged).all(),
-                                      self.bound(run)]))
-        for mine, theirs in ((self.vals, out.vals), (self.x_hat, out.x_hat), (self.fired, out.fired)):
-            mine.copy_(theirs)
-
-    @staticmethod
-    def bound(run):
-        """How many latents can be dead at this step or the next: within a batch of dead_tokens."""
-        return (run.tokens_since_fired >= run.c.dead_tokens - run.c.batch_size).sum()
-
-    @staticmethod
-    def widen(run, bound):
-        """AuxK's candidates (kernels._static_codes) for at most `bound` dead latents."""
-        cfg = run.sae.cfg
-        run.sae._scratch["aux_candidates"] = kernels.aux_candidates(cfg.n_latents, cfg.k_aux, bound)
 
 
 def train(c, resume=False):
@@ -965,27 +840,12 @@ def build_parser():
             p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         else:
             shown = f" (default: {f.default})" if f.default not in ("", 0, -1) else ""
-            p.add_argument(f"--{f.name}", type=_int if f.type is int else f.type, default=f.default,
+            p.add_argument(f"--{f.name}", type=gpt.integer if f.type is int else f.type, default=f.default,
                            choices=RULES["activation"].choices if f.name == "activation" else None, help=f.metadata["help"] + shown)
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/RUN/ckpt.pt where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return p
-
-
-def _int(s):
-    """Integer flags also accept 4_000_000 and 4e6, not 2.5, nan or 1e400."""
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        f = float(s.replace("_", ""))
-    except ValueError:
-        f = math.nan
-    if not (math.isfinite(f) and f == int(f)):
-        raise argparse.ArgumentTypeError(f"invalid integer value: {s!r}")
-    return int(f)
 
 
 def parse(argv=None):
