@@ -194,6 +194,24 @@ def micro_batch(B, n, limit=1 << 31):
     return mb
 
 
+def throughput_ratios(ms):
+    """Each step's throughput against the floors and the dense reference: {name}_over_{floor}
+    is the floor's time over the step's, so 1 is the floor's speed."""
+    return {f"{name}_over_{floor}": ms[floor] / ms[name] for name in STEPS if name in ms
+            for floor in ("mm", "mm_topk", "mm_bf16", "dense") if floor in ms}
+
+
+def profiles(step, graph, device, errors):
+    """--profile: the fast step's profile, and the replayed CUDA graph's where there is one."""
+    out = {"profile": profile_step(step, device)}
+    if graph is not None:
+        try:  # the profiler's view of a replayed graph depends on the torch and CUDA versions
+            out["profile_graph"] = profile_step(graph, device)
+        except Exception as e:
+            errors["profile_graph"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def bench_shape(d, n, k, B, args):
     device, cuda = args.device, args.device.startswith("cuda")
     torch.manual_seed(0)
@@ -244,20 +262,12 @@ def bench_shape(d, n, k, B, args):
          "n_dead": int(dead.sum()), "ms": ms, "tokens_per_s": {name: B / t for name, (t, _) in res.items()},
          "memory_gb": None, "screen": None, "errors": errors,
          "syncs_per_step": {name: count_syncs(fns[name]) for name in STEPS if name in fns and cuda}}
-    for name in STEPS:  # throughput against the floors and the reference
-        for floor in ("mm", "mm_topk", "mm_bf16", "dense"):
-            if name in ms and floor in ms:
-                r[f"{name}_over_{floor}"] = ms[floor] / ms[name]
+    r.update(throughput_ratios(ms))
     screened, past_1, past_2 = sae._scratch.get("screen_counts", (0, 0, 0))
     if screened:  # the bf16 screen's tokens past tier 1 and past tier 2 (to the fp32 encoder)
         r["screen"] = {"tokens": screened, "past_tier_1": past_1 / screened, "past_tier_2": past_2 / screened}
     if args.profile:
-        r["profile"] = profile_step(lambda: step(dead), device)
-        if "fast_graph" in fns:
-            try:  # the profiler's view of a replayed graph depends on the torch and CUDA versions
-                r["profile_graph"] = profile_step(fns["fast_graph"], device)
-            except Exception as e:
-                errors["profile_graph"] = f"{type(e).__name__}: {e}"
+        r.update(profiles(lambda: step(dead), fns.get("fast_graph"), device, errors))
     if base is not None:
         peak = {name: (p - base) / 2**30 for name, (_, p) in res.items()}
         r["memory_gb"] = {"fast": peak["fast"], "dense": peak.get("dense"), "budget": budget / 2**30,

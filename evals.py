@@ -611,72 +611,93 @@ def sae_label(sae):
     return label[cfg.activation] + ", Multi-TopK" * cfg.multi_topk + nested
 
 
+def fmt(x, spec=".4f"):
+    """A metric as report prints it: n/a where it could not be measured."""
+    return "n/a" if x is None else format(x, spec)
+
+
+def row(name, value):
+    """One line of report: a metric's name and its value, aligned."""
+    return f"    {name:<52}{value}"
+
+
 def report(res, meta):
     """The plain-text table, grouped by section."""
     lines = [f"{meta['checkpoint']}  ({meta['weights']} weights)  n_latents {meta['n_latents']:,}  {meta['label']}",
              f"subject {meta['subject']}  layer {meta['layer']}  held-out: {meta['windows']} contexts of "
              f"{meta['ctx_len']} tokens, {meta['tokens']:,} evaluated (position 0 "
              f"{'included' if meta['first'] == 0 else 'excluded'})", ""]
-    row = lambda name, value: lines.append(f"    {name:<52}{value}")
-    f = lambda x, spec=".4f": "n/a" if x is None else format(x, spec)
     if "reconstruction" in res:
         r = res["reconstruction"]
-        lines.append("1. Reconstruction (§2.1)")
-        row("FVU, normalized space", f(r["fvu"]))
-        row("FVU, raw residual space", f(r["fvu_raw"]))
-        row("L0", f(r["l0"], ".2f"))
+        lines += ["1. Reconstruction (§2.1)",
+                  row("FVU, normalized space", fmt(r["fvu"])),
+                  row("FVU, raw residual space", fmt(r["fvu_raw"])),
+                  row("L0", fmt(r["l0"], ".2f"))]
     if "activity" in res:
         r = res["activity"]
-        lines.append("2. Latent activity (§2.4)")
-        row(f"dead (no fire in {r['tokens']:,} tokens)", f(r["dead_frac"], ".2%"))
-        row("dense: firing on > 1% / > 10% of tokens", f"{f(r['dense_1pct_frac'], '.2%')} / {f(r['dense_10pct_frac'], '.2%')}")
-        row("median log10 firing rate (live latents)", f(r["median_log10_freq_live"], ".2f"))
+        lines += ["2. Latent activity (§2.4)",
+                  row(f"dead (no fire in {r['tokens']:,} tokens)", fmt(r["dead_frac"], ".2%")),
+                  row("dense: firing on > 1% / > 10% of tokens",
+                      f"{fmt(r['dense_1pct_frac'], '.2%')} / {fmt(r['dense_10pct_frac'], '.2%')}"),
+                  row("median log10 firing rate (live latents)", fmt(r["median_log10_freq_live"], ".2f"))]
         if "dead_peak_preact_median" in r:
-            row("dead: median peak pre-activation / TopK threshold",
-                f"{f(r['dead_peak_preact_median'])} / {f(r['topk_threshold_median'])}")
+            lines.append(row("dead: median peak pre-activation / TopK threshold",
+                             f"{fmt(r['dead_peak_preact_median'])} / {fmt(r['topk_threshold_median'])}"))
     if "downstream" in res:
-        r = res["downstream"]
-        lines.append("3. Downstream loss (§4.1), nats per token")
-        row("delta CE (spliced - clean)", f(r["delta_ce"], "+.4f"))
-        row("KL(clean || spliced)", f(r["kl"]))
-        row("CE clean / spliced", f"{f(r['ce_clean'])} / {f(r['ce_spliced'])}")
-        row("CE zero- / mean-ablation", f"{f(r['ce_zero_ablation'])} / {f(r['ce_mean_ablation'])}")
-        row("loss recovered vs zero- / mean-ablation", f"{f(r['loss_recovered_zero'])} / {f(r['loss_recovered_mean'])}")
+        lines += downstream_lines(res["downstream"])
     if "probe" in res:
-        r = res["probe"]
-        lines.append(f"4. Probe loss (§4.2): test CE of the best 1-D probe, lower is better, chance {r['chance_ce']:.3f}")
-        row(f"mean over {len(r['tasks'])} tasks: latents / residual channels",
-            f"{f(r['mean_latent_ce'])} / {f(r['mean_channel_ce'])}")
-        lines.append(f"    {'task':<22}{'base rate':>10}{'latent':>8}{'CE':>8}{'channel':>9}{'CE':>8}")
-        for t in r["tasks"]:
-            lines.append(f"    {t['task']:<22}{t['base_rate']:>10.3f}{t['latent']:>8}{t['latent_ce']:>8.3f}"
-                         f"{t['channel']:>9}{t['channel_ce']:>8.3f}")
-        if r["skipped"]:
-            lines.append("    skipped (base rate outside 1-99%, or under 32 tokens per class): " +
-                         ", ".join(f"{t['task']} ({t['base_rate']:.2%})" for t in r["skipped"]))
+        lines += probe_lines(res["probe"])
     if "n2g" in res:
-        r = res["n2g"]
-        lines.append(f"5. N2G explanations (§4.3): {r['scored']} of {r['latents']} sampled live latents scored "
-                     f"on {r['test_tokens']:,} tokens")
-        row("median precision / recall / F1",
-            f"{f(r['median_precision'], '.3f')} / {f(r['median_recall'], '.3f')} / {f(r['median_f1'], '.3f')}")
-        lines.append("    best explained (^ context start, * any token, ␣ space, ⏎ newline):")
-        for e in r["explanations"][:5]:
-            lines.append(f"      latent {e['latent']:>6}  F1 {e['f1']:.2f} (P {e['precision']:.2f} R {e['recall']:.2f})  "
-                         + "  ".join(e["patterns"][:4]))
+        lines += n2g_lines(res["n2g"])
     if "ablation" in res:
         r = res["ablation"]
-        lines.append(f"6. Ablation sparsity (§4.5): (|v|_1/|v|_2)^2 / (V T), T = {r['T']}, lower is sparser")
-        row(f"latents / random directions ({r['samples']} samples)", f"{f(r['mean_latent'])} / {f(r['mean_random'])}")
+        lines += [f"6. Ablation sparsity (§4.5): (|v|_1/|v|_2)^2 / (V T), T = {r['T']}, lower is sparser",
+                  row(f"latents / random directions ({r['samples']} samples)",
+                      f"{fmt(r['mean_latent'])} / {fmt(r['mean_random'])}")]
     if "progressive" in res:
         r = res["progressive"]
-        lines.append(f"7. Progressive recovery (§5.3): test-time TopK(k'), centred on k = {r['k']} (the trained k; a ReLU or BatchTopK SAE's L0)")
-        lines.append(f"    {'k':>6}{'FVU':>10}{'delta CE':>12}")
-        for p in r["points"]:
-            lines.append(f"    {p['k']:>6}{p['fvu']:>10.4f}{p['delta_ce']:>+12.4f}")
+        lines += [f"7. Progressive recovery (§5.3): test-time TopK(k'), centred on k = {r['k']} "
+                  "(the trained k; a ReLU or BatchTopK SAE's L0)", f"    {'k':>6}{'FVU':>10}{'delta CE':>12}",
+                  *(f"    {p['k']:>6}{p['fvu']:>10.4f}{p['delta_ce']:>+12.4f}" for p in r["points"])]
     if "saebench" in res:
         lines += saebench_lines(res["saebench"])
     return "\n".join(lines)
+
+
+def downstream_lines(r):
+    """Section 3 of report: the subject model's loss with the reconstruction spliced in."""
+    return ["3. Downstream loss (§4.1), nats per token",
+            row("delta CE (spliced - clean)", fmt(r["delta_ce"], "+.4f")),
+            row("KL(clean || spliced)", fmt(r["kl"])),
+            row("CE clean / spliced", f"{fmt(r['ce_clean'])} / {fmt(r['ce_spliced'])}"),
+            row("CE zero- / mean-ablation", f"{fmt(r['ce_zero_ablation'])} / {fmt(r['ce_mean_ablation'])}"),
+            row("loss recovered vs zero- / mean-ablation",
+                f"{fmt(r['loss_recovered_zero'])} / {fmt(r['loss_recovered_mean'])}")]
+
+
+def probe_lines(r):
+    """Section 4 of report: the probe tasks, one line each."""
+    lines = [f"4. Probe loss (§4.2): test CE of the best 1-D probe, lower is better, chance {r['chance_ce']:.3f}",
+             row(f"mean over {len(r['tasks'])} tasks: latents / residual channels",
+                 f"{fmt(r['mean_latent_ce'])} / {fmt(r['mean_channel_ce'])}"),
+             f"    {'task':<22}{'base rate':>10}{'latent':>8}{'CE':>8}{'channel':>9}{'CE':>8}"]
+    lines += [f"    {t['task']:<22}{t['base_rate']:>10.3f}{t['latent']:>8}{t['latent_ce']:>8.3f}"
+              f"{t['channel']:>9}{t['channel_ce']:>8.3f}" for t in r["tasks"]]
+    if r["skipped"]:
+        lines.append("    skipped (base rate outside 1-99%, or under 32 tokens per class): " +
+                     ", ".join(f"{t['task']} ({t['base_rate']:.2%})" for t in r["skipped"]))
+    return lines
+
+
+def n2g_lines(r):
+    """Section 5 of report: N2G's scores and its best explanations."""
+    return [f"5. N2G explanations (§4.3): {r['scored']} of {r['latents']} sampled live latents scored "
+            f"on {r['test_tokens']:,} tokens",
+            row("median precision / recall / F1",
+                f"{fmt(r['median_precision'], '.3f')} / {fmt(r['median_recall'], '.3f')} / {fmt(r['median_f1'], '.3f')}"),
+            "    best explained (^ context start, * any token, ␣ space, ⏎ newline):",
+            *(f"      latent {e['latent']:>6}  F1 {e['f1']:.2f} (P {e['precision']:.2f} R {e['recall']:.2f})  "
+              + "  ".join(e["patterns"][:4]) for e in r["explanations"][:5])]
 
 
 def saebench_lines(r):
@@ -692,7 +713,7 @@ def saebench_lines(r):
             ("max cosine to another latent, mean: enc / dec",
              f"{r['average_max_encoder_cosine_sim']:.4f} / {r['average_max_decoder_cosine_sim']:.4f}")]
     return ["8. SAEBench core metrics (adamkarvonen/SAEBench evals/core), raw residual space",
-            *(f"    {name:<52}{value}" for name, value in rows)]
+            *(row(name, value) for name, value in rows)]
 
 
 def plot(res, prefix):
