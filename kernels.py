@@ -581,11 +581,13 @@ def _codes_csr_t(idx, vals, n):
 
 
 def _csr(crow, col, values, shape):
-    """A CSR tensor, without torch's one-time warning that CSR support is in beta: the
-    kernels here use only its stable core (construction, addmm, sampled_addmm). The filter
-    is local, so importing this module changes no global warning state."""
+    """A CSR tensor, without torch's one-time warnings that CSR support is in beta and (torch
+    2.11) that its invariant checks are off: the kernels here use only its stable core
+    (construction, addmm, sampled_addmm), and build valid CSR themselves. The filters are
+    local, so importing this module changes no global warning state."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
