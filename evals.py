@@ -612,12 +612,12 @@ def sae_label(sae):
 
 
 def fmt(x, spec=".4f"):
-    """A metric as report prints it: n/a where it could not be measured."""
+    """A metric as the reports print it (evals.py's, scaling.py's): n/a where it is None."""
     return "n/a" if x is None else format(x, spec)
 
 
 def row(name, value):
-    """One line of report: a metric's name and its value, aligned."""
+    """One line of the report: a metric's name and its value, aligned."""
     return f"    {name:<52}{value}"
 
 
@@ -665,7 +665,7 @@ def report(res, meta):
 
 
 def downstream_lines(r):
-    """Section 3 of report: the subject model's loss with the reconstruction spliced in."""
+    """Section 3 of the report: the subject model's loss with the reconstruction spliced in."""
     return ["3. Downstream loss (§4.1), nats per token",
             row("delta CE (spliced - clean)", fmt(r["delta_ce"], "+.4f")),
             row("KL(clean || spliced)", fmt(r["kl"])),
@@ -676,7 +676,7 @@ def downstream_lines(r):
 
 
 def probe_lines(r):
-    """Section 4 of report: the probe tasks, one line each."""
+    """Section 4 of the report: the probe tasks, one line each."""
     lines = [f"4. Probe loss (§4.2): test CE of the best 1-D probe, lower is better, chance {r['chance_ce']:.3f}",
              row(f"mean over {len(r['tasks'])} tasks: latents / residual channels",
                  f"{fmt(r['mean_latent_ce'])} / {fmt(r['mean_channel_ce'])}"),
@@ -690,7 +690,7 @@ def probe_lines(r):
 
 
 def n2g_lines(r):
-    """Section 5 of report: N2G's scores and its best explanations."""
+    """Section 5 of the report: N2G's scores and its best explanations."""
     return [f"5. N2G explanations (§4.3): {r['scored']} of {r['latents']} sampled live latents scored "
             f"on {r['test_tokens']:,} tokens",
             row("median precision / recall / F1",

@@ -509,10 +509,6 @@ class Report:
         self.plt.close(fig)
 
 
-def f4(x):
-    return "n/a" if x is None else f"{x:.4f}"
-
-
 def law_n(st, rep):
     """1. L(n) at fixed k (paper §3.1.2, Fig. 1 right): c + a n^-b per k."""
     ns, fvu_at = st.ns, st.fvu_at
@@ -555,8 +551,8 @@ def law_joint(st, rep):
     for c in JOINT_NAMES:
         rep.say(f"    {c:<8}{fit[c]:>10.3f}{PAPER_JOINT[c]:>16.3f}")
     rep.say(f"    fitted on {len(train_pts)} grid points: rmse of log L {gof['rmse_log_fit']:.3f}; held out the largest n "
-            f"of each k ({len(held)} points): rmse of log L {f4(gof['rmse_log_heldout'])}, worst relative error "
-            f"{f4(gof['max_rel_err_heldout'])}")
+            f"of each k ({len(held)} points): rmse of log L {evals.fmt(gof['rmse_log_heldout'])}, worst relative error "
+            f"{evals.fmt(gof['max_rel_err_heldout'])}")
     fig, ax = rep.plt.subplots(figsize=(6, 4.5))
     for k in st.ks:
         pts = sorted((n, v) for (n, kk), v in fvu_at.items() if kk == k)
@@ -741,8 +737,9 @@ def features(st, rep, ev):
         rows = [(r[axis], feature_metrics(ev[r["path"]])) for r in rs]
         out[axis] = rows
         for x, m in rows:
-            rep.say(f"    {axis + ' = ' + format(x, ','):<22}{f4(m['probe_ce']):>10}{f4(m['n2g_f1']):>8}"
-                    f"{f4(m['ablation']):>10}   ({f4(m['channel_ce'])}, {f4(m['ablation_random'])})")
+            cell = {key: evals.fmt(value) for key, value in m.items()}
+            rep.say(f"    {axis + ' = ' + format(x, ','):<22}{cell['probe_ce']:>10}{cell['n2g_f1']:>8}"
+                    f"{cell['ablation']:>10}   ({cell['channel_ce']}, {cell['ablation_random']})")
         for row, (key, label) in enumerate((("probe_ce", "probe CE"), ("n2g_f1", "N2G F1"), ("ablation", "ablation sparsity"))):
             ax, xs = axes[row, col], [x for x, _ in rows]
             values = lambda name: [np.nan if m[name] is None else m[name] for _, m in rows]
